@@ -1,0 +1,5 @@
+import sys
+
+from dust.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""``dust`` command line: argument parsing only; the work is done by ``dust.engine.workflows``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from dust.config import ConfigError, load_config
+from dust.data.ssl4mis import DataError
+from dust.engine.checkpoint import CheckpointError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed, recorded next to every benchmark number."""
+    return "dust " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dust.engine.workflows import full_config, train
+    from dust.results import update_results
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir}: no config.yaml; is this a dust run directory?")
+        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg["run_dir"] = str(run_dir)
+    else:
+        if not args.config:
+            raise ConfigError("dust train needs --config FILE (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.set)
+    cfg = full_config(cfg)
+    records = train(cfg, resume=bool(args.resume), command=_command_line(args))
+    if args.record:
+        update_results(Path(args.record), records)
+    for r in records:
+        print(f"{r['checkpoint']:>4}: Dice {r['dice']:.2f}  Jaccard {r['jaccard']:.2f}  HD95 {r['hd95_vox']:.2f}  "
+              f"ASD {r['asd_vox']:.2f}  " + "  ".join(f"{c} {v['dice']:.2f}" for c, v in r["per_class"].items()))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dust.engine.workflows import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(Path(args.checkpoint), args.split, args.data_dir,
+                                  Path(args.out) if args.out else None)
+    print(json.dumps(summary["overall"], indent=1))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dust.engine.workflows import full_config, train
+
+    cfg = load_config(args.config, [f"run_dir={args.out}", *args.set])
+    cfg = full_config(cfg)
+    print(f"dust demo: {cfg['method']} on the synthetic cardiac phantom ({cfg['data_dir']}), "
+          f"{cfg['iterations']} iterations; run directory {args.out}")
+    records = train(cfg, resume=False, command=_command_line(args))
+    last = records[0]
+    chance = 100.0 / cfg["num_classes"]
+    print("\nvalidation Dice (%) at the last checkpoint, per class:")
+    for name, vals in last["per_class"].items():
+        print(f"  {name:>4}: {vals['dice']:6.2f}")
+    print(f"  mean: {last['dice']:6.2f}   (HD95 {last['hd95_vox']:.2f} vox, ASD {last['asd_vox']:.2f} vox; "
+          f"a uniform random guess scores about {chance:.0f})")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from dust.results import results_markdown
+
+    records = json.loads(Path(args.json).read_text())
+    Path(args.markdown).write_text(results_markdown(records, args.title))
+    print(f"wrote {args.markdown} from {len(records)} records")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dust", description="Semi-supervised medical image segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a method from a YAML config, then evaluate last/best on val")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    p.add_argument("--record", metavar="JSON", help="append the last/best records to a results JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split's volumes")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="val", help="list name: val, test, ... (<split>.list in the dataset)")
+    p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's config)")
+    p.add_argument("--out", help="folder for metrics CSV/JSON (default: the run directory)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="generate the phantom, train, evaluate, print per-class Dice")
+    p.add_argument("--config", default=str(REPO_CONFIGS / "phantom" / "supervised.yaml"))
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("results", help="regenerate the Markdown results table from a results JSON")
+    p.add_argument("--json", default="docs/results/acdc_cpu.json")
+    p.add_argument("--markdown", default="docs/results/README.md")
+    p.add_argument("--title", default="ACDC, CPU budget protocol (validation split)")
+    p.set_defaults(func=cmd_results)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("DUST_DEBUG"):
+            raise
+        print(f"dust {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

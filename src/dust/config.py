@@ -1,0 +1,126 @@
+"""Run configuration: a flat mapping of keys, loaded from YAML, overridden with ``--set key=value``.
+
+A config file is the full record of a run: the trainer writes the resolved config into the run directory.
+Unknown keys are an error (a misspelt key must never be silently ignored), except the keys a method
+declares in its own ``defaults``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Every key the engine understands, with its default. Methods add their own keys (Method.defaults).
+BASE_DEFAULTS: dict[str, Any] = {
+    # what to train
+    "method": "supervised",
+    "model": "unet2d",  # unet2d | dual_unet2d
+    "upsample": "deconv",  # decoder of unet2d: deconv (transposed conv) | bilinear (interpolation + conv)
+    "channels": [16, 32, 64, 128, 256],
+    "dropout": [0.05, 0.1, 0.2, 0.3, 0.5],
+    # data
+    "dataset": "ssl4mis_h5",  # reader: ssl4mis_h5 (ACDC-style slices + volumes)
+    "data_dir": "ACDC",  # a bare name is looked up under $DUST_DATA; ./x or /x are used as given
+    "generate_phantom": False,  # write the synthetic phantom into data_dir first if it is missing
+    "phantom_seed": 0,
+    "in_channels": 1,
+    "num_classes": 4,
+    "class_names": ["background", "RV", "Myo", "LV"],
+    "labeled_patients": 7,
+    "val_split": "val",
+    "patch_size": [128, 128],
+    "augment_rot_flip": True,
+    "augment_rotate_deg": 20.0,
+    # optimisation
+    "iterations": 4000,
+    "batch_size": 8,
+    "unlabeled_batch_size": 8,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "lr_power": 0.9,  # poly schedule: lr * (1 - it / iterations) ** lr_power
+    "seed": 1337,
+    # engine
+    "val_every": 200,
+    "log_every": 20,
+    "keep_checkpoints": 2,
+    "bf16": True,  # bf16 autocast (CPU and GPU)
+    "channels_last": True,
+    "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
+    "device": "auto",  # auto | cpu | cuda
+    "run_dir": "runs/{method}_{labeled_patients}p_seed{seed}",
+    "tensorboard": True,
+    "progress": True,
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key or file."""
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (``7`` -> int, ``[1,2]`` -> list, ``off`` -> False)."""
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML config and apply ``key=value`` overrides (no defaults merged yet)."""
+    cfg: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        cfg.update(loaded or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        cfg[key.strip()] = parse_value(value)
+    return cfg
+
+
+def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict[str, Any]:
+    """Merge engine and method defaults under the user's values; reject keys nobody reads."""
+    allowed = {**BASE_DEFAULTS, **method_defaults}
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown} for method {cfg.get('method', 'supervised')!r}; "
+            f"known keys: {sorted(allowed)}"
+        )
+    resolved = copy.deepcopy(allowed)
+    resolved.update(copy.deepcopy(cfg))
+    if len(resolved["class_names"]) != resolved["num_classes"]:
+        raise ConfigError(
+            f"class_names has {len(resolved['class_names'])} entries but num_classes is {resolved['num_classes']}"
+        )
+    return resolved
+
+
+def resolve_data_dir(data_dir: str | Path) -> Path:
+    """Where the dataset lives: ``./x`` and absolute paths as given, a bare name under ``$DUST_DATA``."""
+    text = str(data_dir)
+    if os.path.isabs(text) or text.startswith(("./", "../")):
+        return Path(text)
+    base = os.environ.get("DUST_DATA")
+    return Path(base) / text if base else Path(text)
+
+
+def format_run_dir(cfg: dict[str, Any]) -> Path:
+    """The run directory, with ``{method}``-style placeholders filled from the config."""
+    method = str(cfg["method"]).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return Path(str(cfg["run_dir"]).format(**{**cfg, "method": method}))
+
+
+def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=True))

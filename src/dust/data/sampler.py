@@ -1,0 +1,104 @@
+"""Two-stream batch sampler: every step yields a labelled batch and, when asked, an unlabelled batch.
+
+Each stream walks a seeded random permutation of its pool and reshuffles when it runs out (iteration-based
+training, as in SSL4MIS, without its epoch bookkeeping). All randomness lives in one ``torch.Generator``, so
+``state_dict`` / ``load_state_dict`` make a resumed run draw exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dust.data.ssl4mis import SliceSet
+from dust.data.transforms import augment_pair
+
+
+class _Stream:
+    def __init__(self, size: int) -> None:
+        self.indices = torch.arange(size)  # the pool this stream draws from (a subset for staged methods)
+        self.perm = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        out = []
+        while n > 0:
+            if self.pos >= len(self.perm):
+                self.perm = self.indices[torch.randperm(len(self.indices), generator=gen)]
+                self.pos = 0
+            take = min(n, len(self.perm) - self.pos)
+            out.append(self.perm[self.pos : self.pos + take])
+            self.pos += take
+            n -= take
+        return torch.cat(out)
+
+
+class TwoStreamSampler:
+    """Draws augmented batches ``{"x_l", "y_l", "x_u", "y_u"?, "idx_u"}`` from in-memory slices."""
+
+    def __init__(
+        self,
+        labeled: SliceSet,
+        unlabeled: SliceSet | None,
+        batch_size: int,
+        unlabeled_batch_size: int,
+        patch_size: tuple[int, int],
+        seed: int,
+        rot_flip: bool = True,
+        rotate_deg: float = 20.0,
+    ) -> None:
+        if len(labeled) == 0:
+            raise ValueError("the labelled set is empty: nothing to train on")
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.batch_size, self.unlabeled_batch_size = batch_size, unlabeled_batch_size
+        self.patch_size = tuple(patch_size)
+        self.rot_flip, self.rotate_deg = rot_flip, rotate_deg
+        self.generator = torch.Generator().manual_seed(seed)
+        self.labeled_stream = _Stream(len(labeled))
+        self.unlabeled_stream = _Stream(len(unlabeled) if unlabeled is not None else 0)
+
+    def set_unlabeled_indices(self, indices: list[int] | torch.Tensor) -> None:
+        """Restrict the unlabelled stream to a subset of the pool (e.g. DUST's reliable half)."""
+        self.unlabeled_stream.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.unlabeled_stream.perm = torch.empty(0, dtype=torch.long)
+        self.unlabeled_stream.pos = 0
+
+    def _batch(self, pool: SliceSet, idx: torch.Tensor, labels: list[torch.Tensor] | None):
+        xs, ys = [], []
+        for i in idx.tolist():
+            x, y = augment_pair(
+                pool.images[i], None if labels is None else labels[i], self.patch_size, self.generator,
+                self.rot_flip, self.rotate_deg,
+            )
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs), (torch.stack(ys) if labels is not None else None)
+
+    def next(self, with_unlabeled: bool) -> dict[str, torch.Tensor]:
+        idx_l = self.labeled_stream.draw(self.batch_size, self.generator)
+        x_l, y_l = self._batch(self.labeled, idx_l, self.labeled.labels)
+        batch = {"x_l": x_l, "y_l": y_l, "idx_l": idx_l}
+        if with_unlabeled:
+            if self.unlabeled is None or len(self.unlabeled_stream.indices) == 0:
+                raise ValueError("this method needs unlabelled data but the unlabelled pool is empty")
+            idx_u = self.unlabeled_stream.draw(self.unlabeled_batch_size, self.generator)
+            x_u, y_u = self._batch(self.unlabeled, idx_u, self.unlabeled.pseudo_labels)
+            batch.update(x_u=x_u, idx_u=idx_u)
+            if y_u is not None:
+                batch["y_u"] = y_u  # pseudo-labels, never ground truth
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "streams": [
+                {"indices": s.indices, "perm": s.perm, "pos": s.pos}
+                for s in (self.labeled_stream, self.unlabeled_stream)
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        for s, saved in zip((self.labeled_stream, self.unlabeled_stream), state["streams"], strict=True):
+            s.indices, s.perm, s.pos = saved["indices"], saved["perm"], int(saved["pos"])

@@ -1,0 +1,84 @@
+"""Checkpoints: written atomically (temp file + rename), loaded with ``weights_only=True``.
+
+A kill at any moment leaves either the previous file or the new one, never half a file. The last
+``keep`` iteration checkpoints are kept; if the newest is unreadable, loading falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dust")
+_ITER = re.compile(r"^iter_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the file."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"{path}: not a readable dust checkpoint ({type(err).__name__}: {err})") from None
+
+
+def iteration_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Iteration checkpoints, newest first."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("iter_*.pt") if (m := _ITER.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_iteration_checkpoint(state: dict[str, Any], ckpt_dir: Path, iteration: int, keep: int) -> Path:
+    path = ckpt_dir / f"iter_{iteration:07d}.pt"
+    atomic_save(state, path)
+    for old in iteration_checkpoints(ckpt_dir)[max(keep, 1) :]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(ckpt_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable iteration checkpoint; a corrupt newer one is skipped with a warning."""
+    for path in iteration_checkpoints(ckpt_dir):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as err:
+            log.warning("skipping unreadable checkpoint, falling back to the previous one: %s", err)
+    return None
+
+
+def check_compatible(state: dict[str, Any], path: Path, method: str, num_classes: int) -> None:
+    """Refuse to load a checkpoint of another method or class count, with a message saying which."""
+    if state.get("format") != "dust-checkpoint":
+        raise CheckpointError(f"{path}: not a dust checkpoint")
+    if state["method"] != method:
+        raise CheckpointError(f"{path}: checkpoint is for method {state['method']!r}, not {method!r}")
+    if int(state["num_classes"]) != int(num_classes):
+        raise CheckpointError(
+            f"{path}: checkpoint has {state['num_classes']} classes but the config asks for {num_classes}"
+        )

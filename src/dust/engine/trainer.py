@@ -1,0 +1,315 @@
+"""The one training loop. Methods fill in hooks; everything else happens here.
+
+Per iteration: draw batches -> ``method.train_step`` under autocast -> sum of named losses -> finite check ->
+backward -> SGD step -> ``method.after_step``. Every ``val_every`` iterations: validation Dice on whole
+volumes, best/iteration checkpoints (atomic), TensorBoard scalars and a line in ``train.log``.
+Multi-stage methods describe stages as data (``Method.stages``); the loop calls ``on_stage_start`` at each
+boundary and records the stage in checkpoints so a resumed run continues inside the right stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dust import __version__
+from dust.config import dump_config, format_run_dir, resolve_data_dir
+from dust.data import TrainingData, load_training_data
+from dust.data.sampler import TwoStreamSampler
+from dust.engine.checkpoint import (
+    atomic_save,
+    check_compatible,
+    load_latest,
+    save_iteration_checkpoint,
+)
+from dust.engine.evaluation import evaluate_volumes
+from dust.methods import Method, Stage, get_method
+
+log = logging.getLogger("dust")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/Inf; raised before the bad step touches the weights or checkpoints."""
+
+
+@dataclass
+class StageSpan:
+    stage: Stage
+    index: int
+    begin: int
+    end: int
+    schedule_begin: int  # where the current poly-LR schedule started
+    schedule_end: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
+    """Instantiate the configured method and put its networks on ``device`` in the configured layout."""
+    method = get_method(cfg["method"])(cfg)
+    method.build()
+    if not method.networks:
+        raise ValueError(f"method {cfg['method']!r} built no networks in build()")
+    for name, net in method.networks.items():
+        net.to(device)
+        if cfg["channels_last"]:
+            method.networks[name] = net.to(memory_format=torch.channels_last)
+    return method
+
+
+def _stage_spans(stages: list[Stage]) -> list[StageSpan]:
+    spans, begin = [], 0
+    for i, st in enumerate(stages):
+        if st.iterations <= 0:
+            raise ValueError(f"stage {st.name!r} has {st.iterations} iterations; every stage needs at least one")
+        spans.append(StageSpan(st, i, begin, begin + st.iterations, 0, 0))
+        begin += st.iterations
+    sched_begin = 0
+    for span in spans:
+        if span.stage.restart_schedule:
+            sched_begin = span.begin
+        span.schedule_begin = sched_begin
+    # a schedule runs until the next stage that restarts it (or the end of training)
+    for span in spans:
+        nxt = [s.begin for s in spans if s.begin > span.begin and s.stage.restart_schedule]
+        span.schedule_end = nxt[0] if nxt else spans[-1].end
+    return spans
+
+
+class _TqdmLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = _TqdmLogHandler()
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+class Trainer:
+    """Trains ``cfg["method"]`` on the configured data; ``fit()`` returns the best/last validation Dice."""
+
+    def __init__(self, cfg: dict[str, Any], data: TrainingData | None = None) -> None:
+        self.cfg = cfg
+        if cfg["threads"]:
+            torch.set_num_threads(int(cfg["threads"]))
+        seed_everything(int(cfg["seed"]))
+        self.device = pick_device(cfg["device"])
+        self.run_dir = format_run_dir(cfg)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir)
+        self.data = data if data is not None else load_training_data(cfg, resolve_data_dir(cfg["data_dir"]))
+        self.method = build_method(cfg, self.device)
+        self.method.trainer = self
+        self.sampler = TwoStreamSampler(
+            self.data.labeled, self.data.unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"],
+            tuple(cfg["patch_size"]), int(cfg["seed"]), cfg["augment_rot_flip"], cfg["augment_rotate_deg"],
+        )
+        self.optimizer = self._make_optimizer()
+        self.spans = _stage_spans(self.method.stages())
+        self.total_iterations = self.spans[-1].end
+        self.iteration = 0
+        self.started_stage = -1  # index of the last stage whose on_stage_start has run
+        self.best = {"dice": -1.0, "iteration": -1}
+        self.history: list[dict[str, float]] = []  # validation Dice per check
+        self.train_log: list[dict[str, float]] = []  # mean loss terms per log window
+        self.train_seconds = 0.0
+        self.writer = None
+        dump_config(cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ helpers for methods
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.method.parameters(), lr=self.cfg["lr"], momentum=self.cfg["momentum"],
+            weight_decay=self.cfg["weight_decay"],
+        )
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.cfg["channels_last"] and x.dim() == 4 and x.is_floating_point():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["bf16"]))
+
+    def current_span(self) -> StageSpan:
+        for span in self.spans:
+            if span.begin <= self.iteration < span.end:
+                return span
+        return self.spans[-1]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "dust-checkpoint",
+            "dust_version": __version__,
+            "method": self.cfg["method"],
+            "num_classes": self.cfg["num_classes"],
+            "config": self.cfg,
+            "iteration": self.iteration,
+            "started_stage": self.started_stage,
+            "networks": {k: v.state_dict() for k, v in self.method.networks.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "best": dict(self.best),
+            "history": list(self.history),
+            "train_log": list(self.train_log),
+            "train_seconds": self.train_seconds,
+            "method_state": self.method.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        check_compatible(state, path, self.cfg["method"], self.cfg["num_classes"])
+        for k, net in self.method.networks.items():
+            net.load_state_dict(state["networks"][k])
+        self.started_stage = int(state["started_stage"])
+        self.iteration = int(state["iteration"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best = dict(state["best"])
+        self.history = list(state["history"])
+        self.train_log = list(state["train_log"])
+        self.train_seconds = float(state["train_seconds"])
+        self.method.load_extra_state(state["method_state"])
+
+    def resume(self) -> bool:
+        """Continue from the newest readable checkpoint in the run directory, if any."""
+        found = load_latest(self.ckpt_dir)
+        if found is None:
+            return False
+        state, path = found
+        self.load_state_dict(state, path)
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    def save_best(self) -> None:
+        state = self.state_dict()
+        for k in ("optimizer", "sampler", "torch_rng", "method_state"):
+            state.pop(k)  # best.pt is for inference: weights + config
+        atomic_save(state, self.ckpt_dir / "best.pt")
+
+    # ------------------------------------------------------------------ the loop
+    def _lr(self, span: StageSpan) -> float:
+        length = span.schedule_end - span.schedule_begin
+        done = (self.iteration - span.schedule_begin) / length
+        return self.cfg["lr"] * (1.0 - done) ** self.cfg["lr_power"]
+
+    def validate(self) -> float:
+        _, summary = evaluate_volumes(self.method, self.data.val, self.cfg, self.device, distances=False)
+        return float(summary["overall"]["dice"]["mean"])
+
+    def fit(self) -> dict[str, Any]:
+        cfg, method = self.cfg, self.method
+        if cfg["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: costs ~1 s
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        method.on_train_start(self)
+        log.info(
+            "method %s | %d labelled / %d unlabelled slices | %d val volumes | %d iterations | device %s",
+            cfg["method"], len(self.data.labeled), len(self.data.unlabeled), len(self.data.val),
+            self.total_iterations, self.device,
+        )
+        interactive = sys.stderr.isatty()  # in a log file, one progress line a minute is plenty
+        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not cfg["progress"],
+                   dynamic_ncols=True, desc=str(cfg["method"]), mininterval=0.5 if interactive else 60)
+        window: dict[str, float] = {}
+        tic = time.perf_counter()
+        while self.iteration < self.total_iterations:
+            span = self.current_span()
+            if span.index != self.started_stage:
+                log.info("stage %d/%d %r begins at iteration %d (%d iterations)", span.index + 1,
+                         len(self.spans), span.stage.name, self.iteration, span.stage.iterations)
+                if span.stage.restart_schedule:
+                    self.optimizer = self._make_optimizer()
+                method.on_stage_start(span.stage, self)
+                self.started_stage = span.index
+            lr = self._lr(span)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for net in method.networks.values():
+                net.train()
+            batch = {k: self.to_device(v) for k, v in self.sampler.next(method.uses_unlabeled).items()}
+            with self.autocast():
+                losses = method.train_step(batch, self.iteration)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+                raise NonFiniteLossError(
+                    f"iteration {self.iteration}: loss term(s) {bad} are not finite; training stopped, the last "
+                    f"good checkpoint in {self.ckpt_dir} is untouched"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            method.after_step(self.iteration)
+            self.iteration += 1
+            bar.update(1)
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + float(v.detach())
+            window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+            if self.iteration % cfg["log_every"] == 0:
+                means = {k: v / cfg["log_every"] for k, v in window.items()}
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}")
+                self.scalars({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr})
+                self.train_log.append({"iteration": self.iteration, **means})
+                window = {}
+            if self.iteration % cfg["val_every"] == 0 or self.iteration == self.total_iterations:
+                self.train_seconds += time.perf_counter() - tic
+                self._validate_and_checkpoint(span)
+                tic = time.perf_counter()
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return {"best": self.best, "last_dice": self.history[-1]["dice"] if self.history else None}
+
+    def _validate_and_checkpoint(self, span: StageSpan) -> None:
+        dice = self.validate()
+        self.history.append({"iteration": self.iteration, "dice": dice, "stage": span.stage.name})
+        self.scalars({"val/dice": dice})
+        if dice > self.best["dice"]:
+            self.best = {"dice": dice, "iteration": self.iteration}
+            self.save_best()
+        log.info("iteration %d (%s): val Dice %.4f (best %.4f at %d)", self.iteration, span.stage.name, dice,
+                 self.best["dice"], self.best["iteration"])
+        save_iteration_checkpoint(self.state_dict(), self.ckpt_dir, self.iteration, self.cfg["keep_checkpoints"])
+
+    def scalars(self, values: dict[str, float]) -> None:
+        """TensorBoard scalars at the current iteration (methods call this for their own diagnostics)."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, self.iteration)

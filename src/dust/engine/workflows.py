@@ -1,0 +1,84 @@
+"""What the CLI commands do, as plain functions (so tests and notebooks call them without a shell)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dust.config import resolve_config, resolve_data_dir
+from dust.data import load_training_data
+from dust.data.ssl4mis import load_volumes
+from dust.engine.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from dust.engine.evaluation import evaluate_volumes, write_evaluation
+from dust.engine.trainer import Trainer, build_method, pick_device
+from dust.methods import get_method
+from dust.results import make_record
+
+log = logging.getLogger("dust")
+
+
+def full_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """User config + the engine's and the chosen method's defaults."""
+    return resolve_config(cfg, get_method(cfg.get("method", "supervised")).defaults)
+
+
+def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[dict]:
+    """Train, then evaluate the last and best checkpoints on the validation split with every metric.
+
+    Writes ``metrics_val_{last,best}.{csv,json}`` and ``results.json`` (benchmark records) into the run dir.
+    """
+    trainer = Trainer(cfg)
+    ckpts = list(trainer.ckpt_dir.glob("iter_*.pt"))
+    if resume:
+        if not trainer.resume():
+            log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
+    elif ckpts:
+        raise FileExistsError(
+            f"{trainer.run_dir} already holds checkpoints; continue it with `dust train --resume {trainer.run_dir}` "
+            "or choose another run_dir (--set run_dir=...)"
+        )
+    trainer.fit()
+    records = []
+    for tag in ("last", "best"):
+        if tag == "best":
+            state = load_checkpoint(trainer.ckpt_dir / "best.pt")
+            for k, net in trainer.method.networks.items():
+                net.load_state_dict(state["networks"][k])
+        per_case, summary = evaluate_volumes(trainer.method, trainer.data.val, cfg, trainer.device)
+        write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
+        records.append(make_record(cfg, summary, tag, trainer.train_seconds, command))
+        log.info("%s checkpoint: %s Dice %.2f | per class %s", tag, cfg["val_split"], records[-1]["dice"],
+                 {c: v["dice"] for c, v in records[-1]["per_class"].items()})
+    (trainer.run_dir / "results.json").write_text(json.dumps(records, indent=1))
+    return records
+
+
+def load_trained(path: Path, device: torch.device | None = None) -> tuple[Any, dict[str, Any]]:
+    """A method with its weights from a checkpoint, and the checkpoint's config."""
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path}: checkpoint holds no config; was it written by dust?")
+    cfg = full_config(state["config"])
+    check_compatible(state, path, cfg["method"], cfg["num_classes"])
+    device = device or pick_device(cfg["device"])
+    method = build_method(cfg, device)
+    for k, net in method.networks.items():
+        net.load_state_dict(state["networks"][k])
+    return method, cfg
+
+
+def evaluate_checkpoint(path: Path, split: str, data_dir: str | None, out_dir: Path | None) -> dict:
+    """Evaluate a checkpoint on ``<split>.list`` volumes; writes metrics CSV/JSON next to the checkpoint."""
+    method, cfg = load_trained(path)
+    root = resolve_data_dir(data_dir or cfg["data_dir"])
+    if data_dir is None and cfg["generate_phantom"]:
+        load_training_data(cfg, root)  # makes sure the phantom exists
+    volumes = load_volumes(root, split, cfg["num_classes"])
+    per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
+    out_dir = out_dir or path.parent.parent
+    write_evaluation(out_dir, f"{split}_{path.stem}", volumes, per_case, summary)
+    return summary

@@ -1,0 +1,80 @@
+"""What a method is: the networks it owns, its training step, and optional hooks the engine calls.
+
+The engine (``dust.engine.Trainer``) owns everything else: data streams, optimiser, LR schedule, autocast,
+checkpoints, logging, validation. A method never writes a training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from dust.engine.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of training. Multi-stage methods (DUST, ST++) return several.
+
+    ``iterations``: length of the stage; ``restart_schedule``: fresh optimiser state and poly LR from the
+    base LR at the stage start (what self-training papers do when they re-train a student).
+    """
+
+    name: str
+    iterations: int
+    restart_schedule: bool = False
+
+
+class Method:
+    """Base class. Subclasses set ``name`` (via ``@register``), ``defaults`` and implement ``build`` +
+    ``train_step``; the other hooks are optional."""
+
+    name: str = "method"
+    defaults: dict[str, Any] = {}  # config keys this method reads, with defaults
+    uses_unlabeled: bool = False  # does train_step want batch["x_u"]?
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.networks: dict[str, nn.Module] = {}  # everything here is moved, checkpointed and restored
+        self.trainer: Trainer | None = None
+
+    # --- required -----------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create ``self.networks``."""
+        raise NotImplementedError
+
+    def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
+        """Return named loss terms; the engine sums them, back-propagates and steps."""
+        raise NotImplementedError
+
+    # --- optional -----------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates (default: every network's)."""
+        return [p for net in self.networks.values() for p in net.parameters()]
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", int(self.cfg["iterations"]))]
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called once before the first step (also on resume)."""
+
+    def on_stage_start(self, stage: Stage, trainer: Trainer) -> None:
+        """Called when a stage begins (not again when a run resumes inside it)."""
+
+    def after_step(self, iteration: int) -> None:
+        """Called after each optimiser step (EMA updates and the like)."""
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K, H, W) used for validation and inference; the engine sets eval mode."""
+        return self.networks["model"](x)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond network weights that a resumed run needs (pseudo-labels, orderings)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,26 @@
+"""Supervised baseline: the labelled slices only, loss (Dice + CE) / 2."""
+
+from __future__ import annotations
+
+import torch
+
+from dust.losses import supervised_loss
+from dust.methods import register
+from dust.methods.base import Method
+from dust.models import make_model
+
+
+@register("supervised")
+class Supervised(Method):
+    def build(self) -> None:
+        self.networks["model"] = make_model(self.cfg)
+
+    def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
+        logits = self.networks["model"](batch["x_l"])
+        if isinstance(logits, tuple):  # a dual-decoder model: supervise both decoders
+            return {"sup": sum(supervised_loss(out, batch["y_l"]) for out in logits)}
+        return {"sup": supervised_loss(logits, batch["y_l"])}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.networks["model"](x)
+        return out[0] if isinstance(out, tuple) else out

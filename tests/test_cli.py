@@ -1,0 +1,49 @@
+"""The command line as a user runs it: train -> evaluate, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dust.cli.main import main
+
+
+def _write_config(tmp_path: Path, phantom_root: Path) -> Path:
+    cfg = {
+        "data_dir": str(phantom_root.resolve()), "labeled_patients": 2, "patch_size": [32, 32],
+        "channels": [4, 8, 16, 32, 64], "batch_size": 4, "iterations": 10, "val_every": 5, "threads": 1,
+        "tensorboard": False, "progress": False, "run_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_then_evaluate(tmp_path: Path, phantom_root: Path, capsys):
+    config = _write_config(tmp_path, phantom_root)
+    record = tmp_path / "results.json"
+    assert main(["train", "--config", str(config), "--set", "seed=3", "--record", str(record)]) == 0
+    records = json.loads(record.read_text())
+    assert {r["checkpoint"] for r in records} == {"last", "best"}
+    assert records[0]["seed"] == 3 and "dust train --config" in records[0]["command"]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "train.log", "metrics_val_last.csv", "metrics_val_best.json", "results.json"):
+        assert (run / name).is_file(), name
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--split", "test"]) == 0
+    summary = json.loads((run / "metrics_test_best.json").read_text())
+    assert summary["n_cases"] == 2 and set(summary["per_class"]) == {"RV", "Myo", "LV"}
+    md = tmp_path / "table.md"
+    assert main(["results", "--json", str(record), "--markdown", str(md)]) == 0
+    assert "| 2 | last | supervised |" in md.read_text()
+
+
+def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    config = _write_config(tmp_path, phantom_root)
+    assert main(["train", "--config", str(config), "--set", "labeled_patients=99"]) == 2
+    assert "99 labelled patients requested" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(config)]) == 2
+    assert "not a readable dust checkpoint" in capsys.readouterr().err

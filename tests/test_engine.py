@@ -1,0 +1,124 @@
+"""The training engine: loss goes down, runs are reproducible, resume is exact, plug-in methods work."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dust.config import ConfigError
+from dust.engine.checkpoint import iteration_checkpoints, load_latest
+from dust.engine.trainer import NonFiniteLossError, Trainer
+from dust.engine.workflows import full_config, train
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.method.networks["model"].state_dict().items()}
+
+
+def test_short_training_lowers_the_loss(tiny_cfg):
+    trainer = Trainer(tiny_cfg(iterations=60, val_every=60, log_every=10, lr=0.05))
+    trainer.fit()
+    first, last = trainer.train_log[0]["loss"], trainer.train_log[-1]["loss"]
+    assert last < 0.8 * first, trainer.train_log
+
+
+def test_same_config_and_seed_gives_the_same_weights(tiny_cfg, tmp_path: Path):
+    a = Trainer(tiny_cfg(run_dir=str(tmp_path / "a")))
+    a.fit()
+    b = Trainer(tiny_cfg(run_dir=str(tmp_path / "b")))
+    b.fit()
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.history == b.history
+
+
+def test_resume_continues_from_the_saved_iteration_and_matches(tiny_cfg, tmp_path: Path):
+    full = Trainer(tiny_cfg(run_dir=str(tmp_path / "full")))
+    full.fit()
+    interrupted = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), iterations=20))
+    interrupted.fit()
+    # pretend the run was killed after iteration 10: drop the newer checkpoint
+    newest = iteration_checkpoints(interrupted.ckpt_dir)[0]
+    assert newest.name == "iter_0000020.pt"
+    newest.unlink()
+    resumed = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut")))
+    assert resumed.resume() and resumed.iteration == 10
+    resumed.fit()
+    assert resumed.iteration == 20
+    wf, wr = _weights(full), _weights(resumed)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_cfg):
+    trainer = Trainer(tiny_cfg())
+    trainer.fit()
+    newest, previous = iteration_checkpoints(trainer.ckpt_dir)[:2]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as after a crash mid-write without rename
+    state, path = load_latest(trainer.ckpt_dir)
+    assert path == previous and state["iteration"] == 10
+
+
+def test_training_again_into_a_run_with_checkpoints_refuses_to_overwrite(tiny_cfg):
+    cfg = tiny_cfg(iterations=10)
+    train(cfg)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
+
+
+def test_unknown_config_key_is_refused(tiny_cfg):
+    with pytest.raises(ConfigError, match="unknown config key.*'lerning_rate'"):
+        tiny_cfg(lerning_rate=0.1)
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_term(tiny_cfg, tmp_path: Path, monkeypatch):
+    module = tmp_path / "nan_method.py"
+    module.write_text(textwrap.dedent('''
+        import torch
+        from dust.methods.supervised import Supervised
+
+        class NanAfterFive(Supervised):
+            def train_step(self, batch, iteration):
+                losses = super().train_step(batch, iteration)
+                if iteration == 5:
+                    losses["sup"] = losses["sup"] * float("nan")
+                return losses
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = Trainer(tiny_cfg(method="nan_method:NanAfterFive"))
+    with pytest.raises(NonFiniteLossError, match=r"iteration 5: loss term\(s\) \['sup'\]"):
+        trainer.fit()
+    sys.modules.pop("nan_method", None)
+
+
+def test_a_users_own_method_plugs_in_without_editing_dust(tiny_cfg, tmp_path: Path, monkeypatch):
+    module = tmp_path / "my_lab_method.py"
+    module.write_text(textwrap.dedent('''
+        import torch.nn.functional as F
+        from dust.methods import Method
+        from dust.models import make_model
+
+        class PlainCE(Method):
+            defaults = {"ce_weight": 1.0}
+
+            def build(self):
+                self.networks["model"] = make_model(self.cfg)
+
+            def train_step(self, batch, iteration):
+                logits = self.networks["model"](batch["x_l"])
+                return {"ce": self.cfg["ce_weight"] * F.cross_entropy(logits.float(), batch["y_l"])}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_cfg(method="my_lab_method:PlainCE", ce_weight=0.5)
+    records = train(cfg)
+    assert [r["checkpoint"] for r in records] == ["last", "best"]
+    assert records[0]["method"] == "my_lab_method:PlainCE"
+    sys.modules.pop("my_lab_method", None)
+
+
+def test_full_config_fills_defaults():
+    cfg = full_config({"method": "supervised"})
+    assert cfg["lr"] == 0.01 and cfg["momentum"] == 0.9 and cfg["weight_decay"] == 1e-4
