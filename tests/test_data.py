@@ -95,3 +95,14 @@ def test_acdc_labelled_patients_match_the_standard_slice_counts():
         assert labeled == names[:n_slices]
         assert len(labeled) + len(unlabeled) == 1312
         assert not {patient_of(n) for n in labeled} & {patient_of(n) for n in unlabeled}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ACDC_DIR.is_dir(), reason="ACDC data not available")
+def test_acdc_loads_with_seven_labelled_patients(tiny_cfg):
+    data = load_training_data(tiny_cfg(labeled_patients=7), ACDC_DIR)
+    assert (len(data.labeled), len(data.unlabeled), len(data.val)) == (136, 1176, 20)
+    assert data.unlabeled.labels is None
+    for vol in data.val:
+        assert vol.image.ndim == 4 and vol.image.shape[1:] == vol.label.shape
+        assert set(np.unique(vol.label)) <= {0, 1, 2, 3}
