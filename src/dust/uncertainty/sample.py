@@ -1,0 +1,39 @@
+"""Sample-level uncertainty (DUST Eq. 1) and the easy-to-hard split of the unlabelled pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def sample_uncertainty(probs_per_checkpoint: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Eq. 1: sum_{i<K} mean[(F_i(x) - F_K(x))^2] / (K - 1) for each image.
+
+    ``probs_per_checkpoint``: K softmax outputs (N, C, H, W) of checkpoints saved in pre-training order
+    (a sequence, or one tensor (K, N, C, H, W)); the last one is the reference F_K. The mean runs over all
+    C*H*W entries, as the equation is written (summing over classes instead would only rescale by C and
+    leave the ranking unchanged). Returns (N,) float32.
+    """
+    probs = torch.stack(list(probs_per_checkpoint)) if not torch.is_tensor(probs_per_checkpoint) \
+        else probs_per_checkpoint
+    if probs.dim() != 5 or probs.shape[0] < 2:
+        raise ValueError(f"need K >= 2 checkpoints of (N, C, H, W) probabilities, got shape {tuple(probs.shape)}")
+    probs = probs.float()
+    sq = (probs[:-1] - probs[-1:]).pow(2)  # (K-1, N, C, H, W)
+    return sq.flatten(2).mean(2).mean(0)
+
+
+def split_by_uncertainty(
+    uncertainty: torch.Tensor, reliable_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort ascending; the first ``reliable_fraction`` of the pool is reliable, the rest unreliable.
+
+    Returns ``(order, reliable, unreliable)`` as int64 index tensors into the pool. The sort is stable, so
+    ties keep pool order and the split is reproducible. At least one sample is reliable.
+    """
+    if not 0.0 < reliable_fraction <= 1.0:
+        raise ValueError(f"reliable_fraction must be in (0, 1], got {reliable_fraction}")
+    order = torch.sort(uncertainty, stable=True).indices
+    n_reliable = min(len(order), max(1, round(reliable_fraction * len(order))))
+    return order, order[:n_reliable], order[n_reliable:]

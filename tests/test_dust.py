@@ -1,0 +1,205 @@
+"""DUST and its ablations: the equations against hand computations, the split, no label leak, stages, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dust.config import ConfigError
+from dust.data.ssl4mis import read_list, split_by_patients
+from dust.engine.checkpoint import iteration_checkpoints
+from dust.engine.trainer import Trainer
+from dust.losses import uncertainty_rectified_loss
+from dust.methods import get_method
+from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
+
+LN3 = math.log(3.0)
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.method.networks["model"].state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------- equations
+def test_sample_uncertainty_matches_eq1_by_hand():
+    # K=3 checkpoints, 2 images, 2 classes, 1x2 pixels; probs[k, n, c, 0, w]
+    ref = [[0.5, 1.0], [0.5, 0.0]]  # F_3 (the last checkpoint): pixel a = (.5, .5), pixel b = (1, 0)
+    f1 = [[0.7, 0.6], [0.3, 0.4]]  # (F1-F3)^2: a (.04, .04), b (.16, .16) -> mean over 4 entries = 0.1
+    f2 = [[0.5, 0.9], [0.5, 0.1]]  # (F2-F3)^2: a (0, 0), b (.01, .01) -> mean = 0.005
+    probs = torch.tensor([[f1, ref], [f2, ref], [ref, ref]]).unsqueeze(3)  # image 2 agrees everywhere
+    assert probs.shape == (3, 2, 2, 1, 2)
+    u = sample_uncertainty(probs)
+    assert torch.allclose(u, torch.tensor([(0.1 + 0.005) / 2, 0.0]), atol=1e-7)  # Eq. 1: / (K - 1)
+    assert torch.allclose(sample_uncertainty(list(probs)), u)  # a list of K tensors works the same
+    with pytest.raises(ValueError, match="K >= 2"):
+        sample_uncertainty(probs[:1])
+
+
+def test_decoder_kl_and_unrc_loss_match_eq2_and_eq4_by_hand():
+    # 2 classes, 2 pixels. Pixel 1: p_main = (1/2, 1/2), p_aux = (3/4, 1/4); pixel 2: both (3/4, 1/4).
+    main = torch.tensor([[0.0, LN3], [0.0, 0.0]]).reshape(1, 2, 1, 2)
+    aux = torch.tensor([[LN3, LN3], [0.0, 0.0]]).reshape(1, 2, 1, 2)
+    pseudo = torch.tensor([[[0, 1]]])
+    kl1 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # = 0.5 ln(4/3) = 0.14384
+    assert torch.allclose(decoder_kl(main, aux), torch.tensor([[[kl1, 0.0]]]), atol=1e-6)
+    # CE: pixel 1 -ln(1/2) = ln 2 with weight exp(-kl1) = sqrt(3)/2; pixel 2 -ln(1/4) = ln 4 with weight 1
+    expected = ((math.sqrt(3) / 2 * math.log(2) + kl1) + (math.log(4) + 0.0)) / 2
+    assert abs(expected - 1.065209) < 1e-6
+    loss, dkl = uncertainty_rectified_loss(main, aux, pseudo)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert torch.allclose(dkl, decoder_kl(main, aux))
+    assert torch.allclose(predictive_entropy(main)[0, 0, 0], torch.tensor(math.log(2)))
+
+
+def test_detaching_the_weight_keeps_the_value_but_changes_the_gradient():
+    torch.manual_seed(0)
+    main, aux, pseudo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    grads, values = [], []
+    for detach in (False, True):
+        m = main.clone().requires_grad_()
+        loss, _ = uncertainty_rectified_loss(m, aux, pseudo, detach_weight=detach)
+        loss.backward()
+        grads.append(m.grad)
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1])
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_kl_is_finite_for_saturated_bf16_logits():
+    main = torch.tensor([[1e4, -1e4]], dtype=torch.bfloat16).reshape(1, 2, 1, 1)
+    aux = torch.tensor([[-1e4, 1e4]], dtype=torch.bfloat16).reshape(1, 2, 1, 1)
+    assert torch.isfinite(decoder_kl(main, aux)).all() and decoder_kl(main, main).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------- split
+def test_split_is_ascending_by_uncertainty_and_covers_the_pool_once():
+    order, reliable, unreliable = split_by_uncertainty(torch.tensor([0.3, 0.1, 0.4, 0.2, 0.5]), 0.5)
+    assert order.tolist() == [1, 3, 0, 2, 4]
+    assert reliable.tolist() == [1, 3] and unreliable.tolist() == [0, 2, 4]
+    u = torch.rand(101, generator=torch.Generator().manual_seed(1))
+    order, reliable, unreliable = split_by_uncertainty(u, 0.5)
+    assert sorted(torch.cat([reliable, unreliable]).tolist()) == list(range(101))
+    assert len(reliable) == 50 and u[reliable].max() <= u[unreliable].min()
+    assert torch.equal(torch.cat([reliable, unreliable]), order)
+
+
+# ---------------------------------------------------------------------------------------- configuration
+def test_keys_and_checkpoint_points_are_checked(tiny_cfg):
+    cfg = tiny_cfg(method="dust")
+    assert cfg["pretrain_fraction"] == 0.4 and cfg["reliable_fraction"] == 0.5
+    assert cfg["checkpoint_points"] == [1 / 3, 2 / 3, 1.0] and cfg["detach_uncertainty_weight"] is False
+    with pytest.raises(ConfigError, match="unknown config key.*reliable_fraction"):
+        tiny_cfg(method="self_training", reliable_fraction=0.3)  # no sorting: the key would be ignored
+    with pytest.raises(ConfigError, match="unknown config key.*detach_uncertainty_weight"):
+        tiny_cfg(method="st_ss", detach_uncertainty_weight=True)
+    with pytest.raises(ConfigError, match="checkpoint_points"):
+        get_method("dust")(tiny_cfg(method="dust", checkpoint_points=[1.0])).build()
+    with pytest.raises(ConfigError, match="distinct iterations"):  # 8 pre-training iterations: 0.5, 0.55 -> 4, 4
+        get_method("dust")(tiny_cfg(method="dust", checkpoint_points=[0.5, 0.55, 1.0])).build()
+
+
+# ---------------------------------------------------------------------------------------- training
+def _spy_stage_starts(trainer: Trainer, monkeypatch) -> dict[str, dict]:
+    """Record, after each stage start, which unlabelled slices the sampler draws and which have pseudo-labels."""
+    seen: dict[str, dict] = {}
+    original = trainer.method.on_stage_start
+
+    def spy(stage, tr):
+        original(stage, tr)
+        labels = tr.data.unlabeled.pseudo_labels
+        seen[stage.name] = {
+            "drawn": sorted(tr.sampler.unlabeled_stream.indices.tolist()),
+            "labelled": None if labels is None else [i for i, y in enumerate(labels) if y.numel()],
+            "uses_unlabeled": tr.method.uses_unlabeled,
+        }
+
+    monkeypatch.setattr(trainer.method, "on_stage_start", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["dust", "st_ss", "self_training"])
+def test_a_short_run_goes_through_all_stages(tiny_cfg, method, monkeypatch):
+    trainer = Trainer(tiny_cfg(method=method, iterations=10, val_every=3))
+    pool = trainer.data.unlabeled
+    n = len(pool)
+    spans = [(s.stage.name, s.stage.iterations, s.stage.restart_schedule) for s in trainer.spans]
+    assert spans == [("pretrain", 4, False), ("stage1", 3, True), ("stage2", 3, True)]
+    seen = _spy_stage_starts(trainer, monkeypatch)
+    trainer.fit()
+    assert [h["stage"] for h in trainer.history] == ["pretrain", "stage1", "stage2", "stage2"]  # at 3, 6, 9, 10
+    assert seen["pretrain"] == {"drawn": list(range(n)), "labelled": None, "uses_unlabeled": False}
+    assert seen["stage2"] == {"drawn": list(range(n)), "labelled": list(range(n)), "uses_unlabeled": True}
+    assert all(y.shape == img.shape[-2:] and y.dtype == torch.uint8 for y, img in zip(pool.pseudo_labels,
+                                                                                      pool.images, strict=True))
+    run = trainer.run_dir
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["stage1_pseudo_labels.png",
+                                                                   "stage2_pseudo_labels.png"]
+    csv_path = run / "sample_uncertainty.csv"
+    if method == "self_training":  # no sorting: stage 1 already takes the whole pool
+        assert seen["stage1"]["drawn"] == seen["stage1"]["labelled"] == list(range(n))
+        assert not csv_path.exists() and not list(trainer.ckpt_dir.glob("pretrain_k*.pt"))
+        return
+    reliable = sorted(trainer.method.reliable.tolist())
+    assert len(reliable) == round(n / 2)
+    assert seen["stage1"]["drawn"] == seen["stage1"]["labelled"] == reliable
+    assert sorted(p.name for p in trainer.ckpt_dir.glob("pretrain_k*.pt")) == [f"pretrain_k{k}.pt" for k in (1, 2, 3)]
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n and [int(r["rank"]) for r in rows] == list(range(1, n + 1))
+    assert sorted(r["image_id"] for r in rows) == sorted(pool.ids)
+    values = [float(r["uncertainty"]) for r in rows]
+    assert values == sorted(values)
+    assert sorted(pool.ids.index(r["image_id"]) for r in rows if r["subset"] == "reliable") == reliable
+    assert "sample uncertainty (Eq. 1, K=3)" in (run / "train.log").read_text()
+
+
+def test_pseudo_labels_never_come_from_unlabelled_ground_truth(phantom_root: Path, tiny_cfg, tmp_path: Path):
+    # A copy of the phantom whose unlabelled slices have no label (even) or a checkerboard of classes (odd):
+    # reading them would crash, and copying them would give pseudo-labels equal to the checkerboard.
+    root = tmp_path / "phantom"
+    shutil.copytree(phantom_root, root)
+    _, unlabeled = split_by_patients(read_list(root / "train_slices.list"), 2, root / "train_slices.list")
+    garbage = {}
+    for k, name in enumerate(unlabeled):
+        with h5py.File(root / "data" / f"{name}.h5", "r+") as f:
+            shape = f["label"].shape
+            del f["label"]
+            if k % 2:
+                garbage[name] = torch.from_numpy(np.indices(shape).sum(0) % 4).to(torch.uint8)
+                f["label"] = garbage[name].numpy()
+    trainer = Trainer(tiny_cfg(method="dust", data_dir=str(root), iterations=10, val_every=10))
+    pool = trainer.data.unlabeled
+    assert pool.labels is None and pool.ids == unlabeled
+    trainer.fit()
+    assert trainer.history[-1]["stage"] == "stage2"
+    for name, fake in garbage.items():
+        pseudo = pool.pseudo_labels[pool.ids.index(name)]
+        assert pseudo.shape == fake.shape and (pseudo == fake).float().mean() < 0.5
+
+
+def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: Path):
+    # 20 iterations: pretrain 0-8, stage1 8-14, stage2 14-20; checkpoints at 8, 16, 20 (the last two kept)
+    kw = dict(method="dust", val_every=8)
+    full = Trainer(tiny_cfg(run_dir=str(tmp_path / "full"), **kw))
+    full.fit()
+    cut = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))
+    cut.fit()
+    newest = iteration_checkpoints(cut.ckpt_dir)[0]
+    assert newest.name == "iter_0000020.pt"
+    newest.unlink()  # as if killed after iteration 16
+    resumed = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))
+    assert resumed.resume() and resumed.iteration == 16 and resumed.current_span().stage.name == "stage2"
+    assert resumed.method.uses_unlabeled and torch.equal(resumed.method.order, full.method.order)
+    resumed.fit()
+    assert resumed.iteration == 20 and resumed.history == full.history
+    wf, wr = _weights(full), _weights(resumed)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert all(torch.equal(a, b) for a, b in zip(full.data.unlabeled.pseudo_labels,
+                                                  resumed.data.unlabeled.pseudo_labels, strict=True))
