@@ -35,7 +35,9 @@ def test_train_then_evaluate(tmp_path: Path, phantom_root: Path, capsys):
     summary = json.loads((run / "metrics_test_best.json").read_text())
     assert summary["n_cases"] == 2 and set(summary["per_class"]) == {"RV", "Myo", "LV"}
     md = tmp_path / "table.md"
-    assert main(["results", "--json", str(record), "--markdown", str(md)]) == 0
+    merged = tmp_path / "merged.json"
+    assert main(["results", "--json", str(merged), "--markdown", str(md), "--add", str(run)]) == 0
+    assert json.loads(merged.read_text()) == records
     assert "| 2 | last | supervised |" in md.read_text()
 
 

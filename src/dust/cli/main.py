@@ -74,8 +74,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from dust.results import results_markdown
+    from dust.results import results_markdown, update_results
 
+    for run_dir in args.add:
+        run_records = Path(run_dir) / "results.json"
+        if not run_records.is_file():
+            raise FileNotFoundError(f"{run_records}: no results.json; has this run finished?")
+        update_results(Path(args.json), json.loads(run_records.read_text()))
     records = json.loads(Path(args.json).read_text())
     Path(args.markdown).write_text(results_markdown(records, args.title))
     print(f"wrote {args.markdown} from {len(records)} records")
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="docs/results/acdc_cpu.json")
     p.add_argument("--markdown", default="docs/results/README.md")
     p.add_argument("--title", default="ACDC, CPU budget protocol (validation split)")
+    p.add_argument("--add", nargs="*", default=[], metavar="RUN_DIR",
+                   help="first merge these finished runs' results.json (each keeps the command that produced it)")
     p.set_defaults(func=cmd_results)
     return parser
 

@@ -247,7 +247,7 @@ class Trainer:
         interactive = sys.stderr.isatty()  # in a log file, one progress line a minute is plenty
         bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not cfg["progress"],
                    dynamic_ncols=True, desc=str(cfg["method"]), mininterval=0.5 if interactive else 60)
-        window: dict[str, float] = {}
+        window: dict[str, tuple[float, int]] = {}
         tic = time.perf_counter()
         while self.iteration < self.total_iterations:
             span = self.current_span()
@@ -279,11 +279,11 @@ class Trainer:
             method.after_step(self.iteration)
             self.iteration += 1
             bar.update(1)
-            for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
-            window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+            for k, v in {**losses, "loss": loss}.items():
+                total, count = window.get(k, (0.0, 0))
+                window[k] = (total + float(v.detach()), count + 1)  # counted per term: terms may start mid-window
             if self.iteration % cfg["log_every"] == 0:
-                means = {k: v / cfg["log_every"] for k, v in window.items()}
+                means = {k: total / count for k, (total, count) in window.items()}
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}")
                 self.scalars({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr})
                 self.train_log.append({"iteration": self.iteration, **means})
@@ -308,8 +308,12 @@ class Trainer:
                  self.best["dice"], self.best["iteration"])
         save_iteration_checkpoint(self.state_dict(), self.ckpt_dir, self.iteration, self.cfg["keep_checkpoints"])
 
-    def scalars(self, values: dict[str, float]) -> None:
-        """TensorBoard scalars at the current iteration (methods call this for their own diagnostics)."""
+    def scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        """TensorBoard scalars (methods call this for their own diagnostics).
+
+        ``step`` defaults to the number of completed iterations; inside ``train_step`` pass ``iteration + 1``
+        so a method's scalars line up with the engine's ``train/*`` ones.
+        """
         if self.writer is not None:
             for k, v in values.items():
-                self.writer.add_scalar(k, v, self.iteration)
+                self.writer.add_scalar(k, v, self.iteration if step is None else step)

@@ -126,7 +126,7 @@ class DUST(Method):
             self.trainer.scalars({
                 "uncertainty/dkl_mean": float(dkl.mean()),
                 "uncertainty/low_weight_share": float((torch.exp(-dkl) < 0.5).float().mean()),
-            })
+            }, step=iteration + 1)
         return {"sup": sup, "unsup": unsup}
 
     def after_step(self, iteration: int) -> None:
@@ -136,7 +136,7 @@ class DUST(Method):
             atomic_save(self.networks["model"].state_dict(), self._snapshot_path(k))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.networks["model"](x)[0]
+        return self.networks["model"].forward_main(x)
 
     # ------------------------------------------------------------------ stage boundaries
     def on_stage_start(self, stage: Stage, trainer: Trainer) -> None:
@@ -153,9 +153,9 @@ class DUST(Method):
         self.uses_unlabeled = True
 
     def _forward(
-        self, nets: list[nn.Module], indices: list[int], trainer: Trainer
-    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """(pool indices, images at patch size, [(main, aux) logits in float32 per net]) per batch."""
+        self, nets: list[nn.Module], indices: list[int], trainer: Trainer, aux: bool = True
+    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
+        """(pool indices, images at patch size, [(main, aux or None) logits in float32 per net]) per batch."""
         pool, size = trainer.data.unlabeled, tuple(self.cfg["patch_size"])
         for net in nets:
             net.eval()  # the engine puts them back in train mode before the next step
@@ -163,8 +163,8 @@ class DUST(Method):
             idx = indices[start : start + _INFERENCE_BATCH]
             x = trainer.to_device(torch.cat([resize_image(pool.images[i][None], size) for i in idx]))
             with torch.inference_mode(), trainer.autocast():
-                outs = [net(x) for net in nets]
-            yield idx, x, [(main.float(), aux.float()) for main, aux in outs]
+                outs = [net(x) if aux else (net.forward_main(x), None) for net in nets]
+            yield idx, x, [(m.float(), None if a is None else a.float()) for m, a in outs]
 
     def _sort_pool(self, trainer: Trainer) -> None:
         """Eq. 1 from the K pre-training snapshots, then the ascending sort and the reliable split."""
@@ -176,7 +176,7 @@ class DUST(Method):
         pool = trainer.data.unlabeled
         values = [
             sample_uncertainty([torch.softmax(main, 1) for main, _ in outs])
-            for _, _, outs in self._forward(snapshots, list(range(len(pool))), trainer)
+            for _, _, outs in self._forward(snapshots, list(range(len(pool))), trainer, aux=False)
         ]
         self.uncertainty = torch.cat(values).cpu()
         self.order, self.reliable, unreliable = split_by_uncertainty(self.uncertainty, self.cfg["reliable_fraction"])

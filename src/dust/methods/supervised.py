@@ -22,5 +22,5 @@ class Supervised(Method):
         return {"sup": supervised_loss(logits, batch["y_l"])}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.networks["model"](x)
-        return out[0] if isinstance(out, tuple) else out
+        net = self.networks["model"]
+        return net.forward_main(x) if hasattr(net, "forward_main") else net(x)

@@ -124,3 +124,7 @@ class DualDecoderUNet2D(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.encoder(x)
         return self.decoder(feats), self.aux_decoder(feats)
+
+    def forward_main(self, x: torch.Tensor) -> torch.Tensor:
+        """Main (deconv) decoder only: inference and pseudo-labelling do not need the auxiliary one."""
+        return self.decoder(self.encoder(x))
