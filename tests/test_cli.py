@@ -49,3 +49,13 @@ def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
     assert "99 labelled patients requested" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(config)]) == 2
     assert "not a readable dust checkpoint" in capsys.readouterr().err
+
+
+def test_demo_prints_per_class_dice_and_chance(tmp_path: Path, capsys):
+    tiny = ["iterations=4", "val_every=4", "patch_size=[32,32]", "channels=[4,8,16,32,64]", "threads=1",
+            "tensorboard=false", "progress=false", f"data_dir={tmp_path / 'phantom'}"]
+    assert main(["demo", "--out", str(tmp_path / "demo"), *[a for kv in tiny for a in ("--set", kv)]]) == 0
+    out = capsys.readouterr().out
+    for name in ("RV", "Myo", "LV", "mean", "chance"):
+        assert name in out
+    assert (tmp_path / "phantom" / "train_slices.list").is_file()  # generated on first use

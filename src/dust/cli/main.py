@@ -64,13 +64,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{cfg['iterations']} iterations; run directory {args.out}")
     records = train(cfg, resume=False, command=_command_line(args))
     last = records[0]
-    chance = 100.0 / cfg["num_classes"]
-    print("\nvalidation Dice (%) at the last checkpoint, per class:")
+    chance = chance_dice(cfg)
+    print("\nvalidation Dice (%) at the last checkpoint, per class (chance: a uniformly random label per voxel):")
     for name, vals in last["per_class"].items():
-        print(f"  {name:>4}: {vals['dice']:6.2f}")
-    print(f"  mean: {last['dice']:6.2f}   (HD95 {last['hd95_vox']:.2f} vox, ASD {last['asd_vox']:.2f} vox; "
-          f"a uniform random guess scores about {chance:.0f})")
+        print(f"  {name:>4}: {vals['dice']:6.2f}   (chance {chance['per_class'][name]['dice']['mean'] * 100:5.2f})")
+    print(f"  mean: {last['dice']:6.2f}   (chance {chance['overall']['dice']['mean'] * 100:5.2f}); "
+          f"HD95 {last['hd95_vox']:.2f} vox, ASD {last['asd_vox']:.2f} vox")
     return 0
+
+
+def chance_dice(cfg: dict) -> dict:
+    """Dice of a uniformly random prediction on the validation volumes: the floor a trained model must beat."""
+    import numpy as np
+
+    from dust.config import resolve_data_dir
+    from dust.data.ssl4mis import load_volumes
+    from dust.metrics import case_metrics, summarize
+
+    rng = np.random.default_rng(0)
+    names = {i: n for i, n in enumerate(cfg["class_names"]) if i > 0}
+    volumes = load_volumes(resolve_data_dir(cfg["data_dir"]), cfg["val_split"], cfg["num_classes"])
+    return summarize([
+        case_metrics(rng.integers(0, cfg["num_classes"], v.label.shape), v.label, names, distances=False)
+        for v in volumes
+    ])
 
 
 def cmd_results(args: argparse.Namespace) -> int:
