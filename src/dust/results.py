@@ -83,7 +83,13 @@ def results_markdown(records: list[dict], title: str) -> str:
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         lines.append(f"| {lp} | {ckpt} | {method} | {precision} | {iters} | {seeds} | " + " | ".join(cells + per_class)
                      + " |")
-    lines += ["", "## Commands", "", "Each run writes both its `last` and `best` records.", ""]
+    lines += [
+        "", "## Commands", "",
+        "Run from the repository root with `DUST_DATA=../shared/data` (the folder holding `ACDC/`). Each run writes",
+        "both its `last` and `best` records. Training seconds are wall-clock on the machine that ran it (2 CPU",
+        "cores here unless stated), including validation every 200 iterations; other work on the machine inflates",
+        "them, so they are not a speed benchmark (see `benchmarks/`).", "",
+    ]
     seen = set()
     for r in sorted(records, key=lambda r: (r["labeled_patients"], r["method"], r["seed"])):
         if r["command"] not in seen:
