@@ -106,3 +106,15 @@ def test_acdc_loads_with_seven_labelled_patients(tiny_cfg):
     for vol in data.val:
         assert vol.image.ndim == 4 and vol.image.shape[1:] == vol.label.shape
         assert set(np.unique(vol.label)) <= {0, 1, 2, 3}
+
+
+def test_nearest_interpolation_creates_no_new_intensities():
+    # SSL4MIS resizes with an order-0 zoom; image_interpolation=nearest must too (values only copied, or 0 padding)
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 50, 70)
+    label = (image[0] > 0.5).to(torch.uint8)
+    allowed = set(image.flatten().tolist()) | {0.0}
+    for _ in range(10):
+        x, y = augment_pair(image, label, (32, 32), gen, interpolation="nearest")
+        assert set(x.flatten().tolist()) <= allowed
+        assert torch.equal((x[0] > 0.5).long(), y)  # nearest on both: image and label stay in lockstep

@@ -35,6 +35,8 @@ BASE_DEFAULTS: dict[str, Any] = {
     "patch_size": [128, 128],
     "augment_rot_flip": True,
     "augment_rotate_deg": 20.0,
+    # how slices are resized to patch_size, in training and inference: bilinear | nearest (SSL4MIS's order-0 zoom)
+    "image_interpolation": "bilinear",
     # optimisation
     "iterations": 4000,
     "batch_size": 8,

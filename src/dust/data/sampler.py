@@ -47,13 +47,14 @@ class TwoStreamSampler:
         seed: int,
         rot_flip: bool = True,
         rotate_deg: float = 20.0,
+        interpolation: str = "bilinear",
     ) -> None:
         if len(labeled) == 0:
             raise ValueError("the labelled set is empty: nothing to train on")
         self.labeled, self.unlabeled = labeled, unlabeled
         self.batch_size, self.unlabeled_batch_size = batch_size, unlabeled_batch_size
         self.patch_size = tuple(patch_size)
-        self.rot_flip, self.rotate_deg = rot_flip, rotate_deg
+        self.rot_flip, self.rotate_deg, self.interpolation = rot_flip, rotate_deg, interpolation
         self.generator = torch.Generator().manual_seed(seed)
         self.labeled_stream = _Stream(len(labeled))
         self.unlabeled_stream = _Stream(len(unlabeled) if unlabeled is not None else 0)
@@ -69,7 +70,7 @@ class TwoStreamSampler:
         for i in idx.tolist():
             x, y = augment_pair(
                 pool.images[i], None if labels is None else labels[i], self.patch_size, self.generator,
-                self.rot_flip, self.rotate_deg,
+                self.rot_flip, self.rotate_deg, self.interpolation,
             )
             xs.append(x)
             ys.append(y)

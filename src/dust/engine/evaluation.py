@@ -33,7 +33,8 @@ def evaluate_volumes(
         if vol.label is None:
             raise ValueError(f"volume {vol.case_id} has no label to evaluate against")
         probs = predict_volume(
-            method.predict, vol.image, tuple(cfg["patch_size"]), device, cfg["bf16"], cfg["channels_last"]
+            method.predict, vol.image, tuple(cfg["patch_size"]), device, cfg["bf16"], cfg["channels_last"],
+            interpolation=cfg["image_interpolation"],
         )
         pred = probs.argmax(0).numpy().astype(np.uint8)
         per_case.append(case_metrics(pred, vol.label, class_names, vol.spacing, distances=distances))

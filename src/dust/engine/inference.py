@@ -19,6 +19,7 @@ def predict_volume(
     bf16: bool = False,
     channels_last: bool = False,
     batch_size: int = 32,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Class probabilities (K, S, H, W) for an image volume (C, S, H, W), predicted slice by slice.
 
@@ -29,7 +30,7 @@ def predict_volume(
     size = tuple(slices.shape[-2:])
     out = []
     for start in range(0, slices.shape[0], batch_size):
-        x = resize_image(slices[start : start + batch_size], patch_size).to(device)
+        x = resize_image(slices[start : start + batch_size], patch_size, interpolation).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -135,6 +135,7 @@ class Trainer:
         self.sampler = TwoStreamSampler(
             self.data.labeled, self.data.unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"],
             tuple(cfg["patch_size"]), int(cfg["seed"]), cfg["augment_rot_flip"], cfg["augment_rotate_deg"],
+            cfg["image_interpolation"],
         )
         self.optimizer = self._make_optimizer()
         self.spans = _stage_spans(self.method.stages())

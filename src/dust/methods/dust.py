@@ -161,7 +161,9 @@ class DUST(Method):
             net.eval()  # the engine puts them back in train mode before the next step
         for start in range(0, len(indices), _INFERENCE_BATCH):
             idx = indices[start : start + _INFERENCE_BATCH]
-            x = trainer.to_device(torch.cat([resize_image(pool.images[i][None], size) for i in idx]))
+            x = trainer.to_device(torch.cat([
+                resize_image(pool.images[i][None], size, self.cfg["image_interpolation"]) for i in idx
+            ]))
             with torch.inference_mode(), trainer.autocast():
                 outs = [net(x) if aux else (net.forward_main(x), None) for net in nets]
             yield idx, x, [(m.float(), None if a is None else a.float()) for m, a in outs]
