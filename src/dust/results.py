@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-IDENTITY = ("method", "labeled_patients", "seed", "iterations", "split", "checkpoint", "precision")
+# Pipeline choices that change the numbers are part of a record's identity (and of its table row).
+IDENTITY = ("method", "labeled_patients", "seed", "iterations", "split", "checkpoint", "precision", "resize")
 _METRICS = (("dice", 100.0), ("jaccard", 100.0), ("hd95_vox", 1.0), ("asd_vox", 1.0))
 
 
@@ -27,6 +28,7 @@ def make_record(cfg: dict[str, Any], summary: dict, checkpoint: str, train_secon
         "split": cfg["val_split"],
         "checkpoint": checkpoint,
         "precision": "bf16" if cfg["bf16"] else "fp32",
+        "resize": cfg["image_interpolation"],
     }
     for key, scale in _METRICS:
         record[key] = round(overall[key]["mean"] * scale, 3)
@@ -61,7 +63,9 @@ def results_markdown(records: list[dict], title: str) -> str:
     """A Table-1-style summary (mean ± std over seeds), per-class Dice, and every command."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["labeled_patients"], r["checkpoint"], r["method"], r["precision"], r["iterations"])].append(r)
+        key = (r["labeled_patients"], r["checkpoint"], r["method"], r["precision"], r.get("resize", "bilinear"),
+               r["iterations"])
+        groups[key].append(r)
     lines = [
         f"# {title}",
         "",
@@ -70,18 +74,19 @@ def results_markdown(records: list[dict], title: str) -> str:
         "`last` is the headline number (the final weights); `best` is selected on the same validation set and",
         "therefore optimistic. With several seeds: mean ± std over seeds.",
         "",
-        "| labelled patients | checkpoint | method | precision | iterations | seeds | Dice | Jaccard | HD95 | ASD |"
-        + " Dice RV | Dice Myo | Dice LV |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| labelled patients | checkpoint | method | precision | resize | iterations | seeds | Dice | Jaccard | HD95 |"
+        + " ASD | Dice RV | Dice Myo | Dice LV |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(groups, key=lambda k: (k[0], k[1] != "last", k[2], k[3], k[4])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1] != "last", k[2], k[3], k[4], k[5])):
         rs = groups[key]
-        lp, ckpt, method, precision, iters = key
+        lp, ckpt, method, precision, resize, iters = key
         cells = [_fmt([r[m] for r in rs]) for m, _ in _METRICS]
         class_names = list(rs[0]["per_class"])
         per_class = [_fmt([r["per_class"][c]["dice"] for r in rs]) for c in class_names]
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {lp} | {ckpt} | {method} | {precision} | {iters} | {seeds} | " + " | ".join(cells + per_class)
+        lines.append(f"| {lp} | {ckpt} | {method} | {precision} | {resize} | {iters} | {seeds} | "
+                     + " | ".join(cells + per_class)
                      + " |")
     lines += [
         "", "## Commands", "",
