@@ -65,8 +65,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_cfg):
 def test_training_again_into_a_run_with_checkpoints_refuses_to_overwrite(tiny_cfg):
     cfg = tiny_cfg(iterations=10)
     train(cfg)
+    config_file = Path(cfg["run_dir"]) / "config.yaml"
+    before = config_file.read_text()
     with pytest.raises(FileExistsError, match="--resume"):
-        train(cfg)
+        train({**cfg, "lr": 0.5})
+    assert config_file.read_text() == before  # the earlier run's record is untouched
 
 
 def test_unknown_config_key_is_refused(tiny_cfg):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dust.config import resolve_config, resolve_data_dir
+from dust.config import format_run_dir, resolve_config, resolve_data_dir
 from dust.data import load_training_data
 from dust.data.ssl4mis import load_volumes
 from dust.engine.checkpoint import CheckpointError, check_compatible, load_checkpoint
@@ -31,16 +31,16 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
 
     Writes ``metrics_val_{last,best}.{csv,json}`` and ``results.json`` (benchmark records) into the run dir.
     """
-    trainer = Trainer(cfg)
-    ckpts = list(trainer.ckpt_dir.glob("iter_*.pt"))
-    if resume:
-        if not trainer.resume():
-            log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
-    elif ckpts:
+    run_dir = format_run_dir(cfg)
+    # checked before the Trainer exists: it would overwrite the earlier run's config.yaml and log
+    if not resume and any((run_dir / "checkpoints").glob("iter_*.pt")):
         raise FileExistsError(
-            f"{trainer.run_dir} already holds checkpoints; continue it with `dust train --resume {trainer.run_dir}` "
+            f"{run_dir} already holds checkpoints; continue it with `dust train --resume {run_dir}` "
             "or choose another run_dir (--set run_dir=...)"
         )
+    trainer = Trainer(cfg)
+    if resume and not trainer.resume():
+        log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
     trainer.fit()
     records = []
     for tag in ("last", "best"):
