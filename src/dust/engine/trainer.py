@@ -285,7 +285,7 @@ class Trainer:
                 window[k] = (total + float(v.detach()), count + 1)  # counted per term: terms may start mid-window
             if self.iteration % cfg["log_every"] == 0:
                 means = {k: total / count for k, (total, count) in window.items()}
-                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}")
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}", refresh=interactive)
                 self.scalars({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr})
                 self.train_log.append({"iteration": self.iteration, **means})
                 window = {}
