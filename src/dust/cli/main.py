@@ -56,7 +56,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dust.engine.workflows import full_config, train
+    from dust.engine.workflows import chance_dice, full_config, train
 
     cfg = load_config(args.config, [f"run_dir={args.out}", *args.set])
     cfg = full_config(cfg)
@@ -71,23 +71,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  mean: {last['dice']:6.2f}   (chance {chance['overall']['dice']['mean'] * 100:5.2f}); "
           f"HD95 {last['hd95_vox']:.2f} vox, ASD {last['asd_vox']:.2f} vox")
     return 0
-
-
-def chance_dice(cfg: dict) -> dict:
-    """Dice of a uniformly random prediction on the validation volumes: the floor a trained model must beat."""
-    import numpy as np
-
-    from dust.config import resolve_data_dir
-    from dust.data.ssl4mis import load_volumes
-    from dust.metrics import case_metrics, summarize
-
-    rng = np.random.default_rng(0)
-    names = {i: n for i, n in enumerate(cfg["class_names"]) if i > 0}
-    volumes = load_volumes(resolve_data_dir(cfg["data_dir"]), cfg["val_split"], cfg["num_classes"])
-    return summarize([
-        case_metrics(rng.integers(0, cfg["num_classes"], v.label.shape), v.label, names, distances=False)
-        for v in volumes
-    ])
 
 
 def cmd_results(args: argparse.Namespace) -> int:

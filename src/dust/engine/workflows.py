@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dust.config import format_run_dir, resolve_config, resolve_data_dir
@@ -16,6 +17,7 @@ from dust.engine.checkpoint import CheckpointError, check_compatible, load_check
 from dust.engine.evaluation import evaluate_volumes, write_evaluation
 from dust.engine.trainer import Trainer, build_method, pick_device
 from dust.methods import get_method
+from dust.metrics import case_metrics, summarize
 from dust.results import make_record
 
 log = logging.getLogger("dust")
@@ -82,3 +84,14 @@ def evaluate_checkpoint(path: Path, split: str, data_dir: str | None, out_dir: P
     out_dir = out_dir or path.parent.parent
     write_evaluation(out_dir, f"{split}_{path.stem}", volumes, per_case, summary)
     return summary
+
+
+def chance_dice(cfg: dict[str, Any]) -> dict:
+    """Dice of a uniformly random prediction on the validation volumes: the floor a trained model must beat."""
+    rng = np.random.default_rng(0)
+    names = {i: n for i, n in enumerate(cfg["class_names"]) if i > 0}
+    volumes = load_volumes(resolve_data_dir(cfg["data_dir"]), cfg["val_split"], cfg["num_classes"])
+    return summarize([
+        case_metrics(rng.integers(0, cfg["num_classes"], v.label.shape), v.label, names, distances=False)
+        for v in volumes
+    ])
