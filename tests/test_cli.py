@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dust.cli.main import main
@@ -38,7 +39,7 @@ def test_train_then_evaluate(tmp_path: Path, phantom_root: Path, capsys):
     merged = tmp_path / "merged.json"
     assert main(["results", "--json", str(merged), "--markdown", str(md), "--add", str(run)]) == 0
     assert json.loads(merged.read_text()) == records
-    assert "| 2 | last | supervised |" in md.read_text()
+    assert "| supervised | 2 | 10, val, bf16, bilinear | 3 | 1 |" in md.read_text()
 
 
 def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
@@ -59,3 +60,13 @@ def test_demo_prints_per_class_dice_and_chance(tmp_path: Path, capsys):
     for name in ("RV", "Myo", "LV", "mean", "chance"):
         assert name in out
     assert (tmp_path / "phantom" / "train_slices.list").is_file()  # generated on first use
+
+
+def test_set_reads_numbers_yaml_1_1_leaves_as_strings_and_refuses_words():
+    from dust.config import ConfigError, load_config, resolve_config
+
+    cfg = resolve_config(load_config(None, ["lr=1e-5", "iterations=40.0"]), {})
+    assert cfg["lr"] == 1e-5 and isinstance(cfg["lr"], float)
+    assert cfg["iterations"] == 40 and isinstance(cfg["iterations"], int)
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        resolve_config(load_config(None, ["lr=fast"]), {})

@@ -28,6 +28,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     "generate_phantom": False,  # write the synthetic phantom into data_dir first if it is missing
     "phantom_seed": 0,
     "in_channels": 1,
+    # how a NIfTI case becomes model input: set by `dust prepare` (its dust.yaml), applied again by `dust predict`
+    "intensity_norm": "minmax",  # per case and channel: minmax ((x - min) / (max - min), SSL4MIS) | zscore
+    "slice_axis": 2,  # NIfTI voxel axis the 2D model slices along (the through-plane axis)
+    "modalities": None,  # channel indices taken from multi-modality input; null: all, in file order
     "num_classes": 4,
     "class_names": ["background", "RV", "Myo", "LV"],
     "labeled_patients": 7,
@@ -54,6 +58,8 @@ BASE_DEFAULTS: dict[str, Any] = {
     "channels_last": True,
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
     "device": "auto",  # auto | cpu | cuda
+    # several processes (torchrun / dust train --nproc): BatchNorm statistics over all ranks (CUDA only)
+    "sync_batchnorm": False,
     "run_dir": "runs/{method}_{labeled_patients}p_seed{seed}",
     "tensorboard": True,
     "progress": True,
@@ -101,12 +107,31 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
             f"known keys: {sorted(allowed)}"
         )
     resolved = copy.deepcopy(allowed)
-    resolved.update(copy.deepcopy(cfg))
+    resolved.update({k: _typed(k, v, allowed[k]) for k, v in copy.deepcopy(cfg).items()})
     if len(resolved["class_names"]) != resolved["num_classes"]:
         raise ConfigError(
             f"class_names has {len(resolved['class_names'])} entries but num_classes is {resolved['num_classes']}"
         )
     return resolved
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """A value with the type of its numeric default, or a ConfigError naming the key.
+
+    YAML 1.1 reads ``1e-5`` (no dot) as a string; without this it would reach the optimiser and fail deep inside.
+    """
+    if isinstance(default, bool) or value is None or not isinstance(default, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(default, float):
+        return float(value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def resolve_data_dir(data_dir: str | Path) -> Path:
@@ -125,4 +150,8 @@ def format_run_dir(cfg: dict[str, Any]) -> Path:
 
 
 def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=True))
+    # temp file + rename: a run killed while rewriting its config.yaml on resume can still be resumed
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    os.replace(tmp, path)

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from dust.cli import benchmark, check_data, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.ssl4mis import DataError
 from dust.engine.checkpoint import CheckpointError
@@ -23,6 +24,10 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dust.engine import distributed
+
+    if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
+        return distributed.launch(args.nproc, args.argv)
     from dust.engine.workflows import full_config, train
     from dust.results import update_results
 
@@ -38,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
     cfg = full_config(cfg)
     records = train(cfg, resume=bool(args.resume), command=_command_line(args))
+    if not distributed.ranks_from_env().is_main:
+        return 0  # rank 0 records and prints
     if args.record:
         update_results(Path(args.record), records)
     for r in records:
@@ -49,6 +56,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dust.engine.workflows import evaluate_checkpoint
 
+    if args.pred or args.ref:  # folders of NIfTIs, as nnU-Net's evaluate-folder
+        from dust.engine.predict import evaluate_folders
+
+        if not (args.pred and args.ref) or args.checkpoint:
+            raise ConfigError("dust evaluate: give --pred DIR and --ref DIR together, without --checkpoint")
+        summary = evaluate_folders(Path(args.pred), Path(args.ref), Path(args.out) if args.out else None,
+                                   args.class_names)
+        print(json.dumps(summary["overall"], indent=1))
+        return 0
+    if not args.checkpoint:
+        raise ConfigError("dust evaluate needs --checkpoint CKPT (or --pred DIR --ref DIR)")
     summary = evaluate_checkpoint(Path(args.checkpoint), args.split, args.data_dir,
                                   Path(args.out) if args.out else None)
     print(json.dumps(summary["overall"], indent=1))
@@ -96,13 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     p.add_argument("--record", metavar="JSON", help="append the last/best records to a results JSON")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel over N processes on this machine (as torchrun; see docs/distributed.md)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split's volumes")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split's volumes, or folders of NIfTI labels")
+    p.add_argument("--checkpoint")
     p.add_argument("--split", default="val", help="list name: val, test, ... (<split>.list in the dataset)")
     p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's config)")
-    p.add_argument("--out", help="folder for metrics CSV/JSON (default: the run directory)")
+    p.add_argument("--out", help="folder for metrics CSV/JSON (default: the run directory, or --pred)")
+    p.add_argument("--pred", metavar="DIR", help="predicted label NIfTIs, scored against --ref files of the same name")
+    p.add_argument("--ref", metavar="DIR", help="reference label NIfTIs (their header spacing gives mm distances)")
+    p.add_argument("--class-names", nargs="+", metavar="NAME",
+                   help="with --pred/--ref: names of labels 0..K-1, background first (default: the labels found)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the phantom, train, evaluate, print per-class Dice")
@@ -118,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", nargs="*", default=[], metavar="RUN_DIR",
                    help="first merge these finished runs' results.json (each keeps the command that produced it)")
     p.set_defaults(func=cmd_results)
+
+    check_data.add_parser(sub)
+    prepare.add_parser(sub)
+    predict.add_parser(sub)
+    rank.add_parser(sub)
+    report.add_parser(sub)
+    benchmark.add_parser(sub)
     return parser
 
 

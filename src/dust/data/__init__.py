@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dust.data.prepare import check_prepared
 from dust.data.ssl4mis import DataError, SliceSet, Volume, load_training_slices, load_volumes
 
 __all__ = ["DataError", "SliceSet", "Volume", "TrainingData", "load_training_data"]
@@ -34,6 +35,7 @@ def load_training_data(cfg: dict[str, Any], root: Path) -> TrainingData:
             f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up under "
             "$DUST_DATA, e.g. DUST_DATA=../shared/data for ACDC)"
         )
+    check_prepared(cfg, root)
     labeled, unlabeled = load_training_slices(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]))
     val = load_volumes(root, cfg["val_split"], int(cfg["num_classes"]))
     overlap = (set(labeled.patients) | set(unlabeled.patients)) & {v.patient for v in val}
@@ -41,6 +43,10 @@ def load_training_data(cfg: dict[str, Any], root: Path) -> TrainingData:
         raise DataError(
             f"{root}: patient(s) {sorted(overlap)} are in both train_slices.list and {cfg['val_split']}.list"
         )
+    channels = {int(x.shape[0]) for x in labeled.images + unlabeled.images} | {int(v.image.shape[0]) for v in val}
+    if channels != {int(cfg["in_channels"])}:
+        raise DataError(f"{root}: the images have {sorted(channels)} channel(s) but in_channels is "
+                        f"{cfg['in_channels']}")
     log.info("data %s: %d labelled slices (%d patients), %d unlabelled slices, %d %s volumes", root,
              len(labeled), len(set(labeled.patients)), len(unlabeled), len(val), cfg["val_split"])
     return TrainingData(labeled, unlabeled, val)

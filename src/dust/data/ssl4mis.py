@@ -171,5 +171,13 @@ def load_volumes(root: Path, split: str, num_classes: int, with_labels: bool = T
             raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
         if label is not None:
             _check_labels(path, label, num_classes)
-        volumes.append(Volume(name, image, label))
+        volumes.append(Volume(name, image, label, *_read_geometry(path)))
     return volumes
+
+
+def _read_geometry(path: Path) -> tuple[tuple[float, ...] | None, np.ndarray | None]:
+    """(S, H, W) spacing in mm and the affine, when the file records them (``dust prepare`` does; SSL4MIS not)."""
+    with h5py.File(path, "r") as f:
+        spacing, affine = f.attrs.get("spacing"), f.attrs.get("affine")
+    return (None if spacing is None else tuple(float(s) for s in spacing),
+            None if affine is None else np.asarray(affine, dtype=np.float64))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,23 @@ def predict_volume(
     Probabilities (not labels) are resized back to the original slice size, so argmax happens at full
     resolution; this is smoother than nearest-neighbour resizing of a label map.
     """
+    return predict_volume_heads(lambda x: (predict(x),), image, patch_size, device, bf16, channels_last,
+                                batch_size, interpolation)[0]
+
+
+@torch.inference_mode()
+def predict_volume_heads(
+    predict_heads: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    image: np.ndarray,
+    patch_size: tuple[int, int],
+    device: torch.device,
+    bf16: bool = False,
+    channels_last: bool = False,
+    batch_size: int = 32,
+    interpolation: str = "bilinear",
+) -> list[torch.Tensor]:
+    """:func:`predict_volume` for several logit maps per forward (e.g. both decoders of a dual-decoder
+    U-Net, for their disagreement): class probabilities (K, S, H, W) of each head, in the order returned."""
     slices = torch.from_numpy(np.ascontiguousarray(image)).float().permute(1, 0, 2, 3)  # (S, C, H, W)
     size = tuple(slices.shape[-2:])
     out = []
@@ -34,7 +51,6 @@ def predict_volume(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = predict(x)
-        probs = torch.softmax(logits.float(), dim=1)
-        out.append(resize_image(probs, size).cpu())
-    return torch.cat(out).permute(1, 0, 2, 3).contiguous()
+            heads = predict_heads(x)
+        out.append([resize_image(torch.softmax(logits.float(), dim=1), size).cpu() for logits in heads])
+    return [torch.cat(parts).permute(1, 0, 2, 3).contiguous() for parts in zip(*out, strict=True)]

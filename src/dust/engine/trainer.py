@@ -5,6 +5,8 @@ backward -> SGD step -> ``method.after_step``. Every ``val_every`` iterations: v
 volumes, best/iteration checkpoints (atomic), TensorBoard scalars and a line in ``train.log``.
 Multi-stage methods describe stages as data (``Method.stages``); the loop calls ``on_stage_start`` at each
 boundary and records the stage in checkpoints so a resumed run continues inside the right stage.
+Started as one of several processes (torchrun, ``dust train --nproc``), it trains data-parallel through the
+helpers in ``dust.engine.distributed``; ``self.is_main`` (rank 0) alone writes files.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from dust import __version__
 from dust.config import dump_config, format_run_dir, resolve_data_dir
 from dust.data import TrainingData, load_training_data
 from dust.data.sampler import TwoStreamSampler
+from dust.engine import distributed
 from dust.engine.checkpoint import (
     atomic_save,
     check_compatible,
     load_latest,
     save_iteration_checkpoint,
 )
-from dust.engine.evaluation import evaluate_volumes
 from dust.methods import Method, Stage, get_method
 
 log = logging.getLogger("dust")
@@ -124,18 +126,33 @@ class Trainer:
         if cfg["threads"]:
             torch.set_num_threads(int(cfg["threads"]))
         seed_everything(int(cfg["seed"]))
-        self.device = pick_device(cfg["device"])
+        # one of several processes under torchrun / --nproc: see dust.engine.distributed; else rank 0 of 1
+        self.ranks = distributed.init_from_env(pick_device(cfg["device"]))
+        self.is_main = self.ranks.is_main  # only the main process writes files
+        self.device = distributed.rank_device(pick_device(cfg["device"]), self.ranks)
         self.run_dir = format_run_dir(cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.run_dir)
-        self.data = data if data is not None else load_training_data(cfg, resolve_data_dir(cfg["data_dir"]))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir if self.is_main else None)
+        if not self.is_main:
+            log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
+        if data is None:
+            if cfg["generate_phantom"] and not self.is_main:
+                distributed.barrier()  # rank 0 writes the phantom first
+            data = load_training_data(cfg, resolve_data_dir(cfg["data_dir"]))
+            if cfg["generate_phantom"] and self.is_main and self.ranks.enabled:
+                distributed.barrier()
+        self.data = data
         self.method = build_method(cfg, self.device)
         self.method.trainer = self
+        distributed.prepare_networks(self.method, cfg, self.ranks, self.device)
+        if self.ranks.enabled:
+            torch.manual_seed(int(cfg["seed"]) + self.ranks.rank)  # different dropout masks per rank
         self.sampler = TwoStreamSampler(
             self.data.labeled, self.data.unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"],
-            tuple(cfg["patch_size"]), int(cfg["seed"]), cfg["augment_rot_flip"], cfg["augment_rotate_deg"],
-            cfg["image_interpolation"],
+            tuple(cfg["patch_size"]), int(cfg["seed"]) + self.ranks.rank, cfg["augment_rot_flip"],
+            cfg["augment_rotate_deg"], cfg["image_interpolation"],
         )
         self.optimizer = self._make_optimizer()
         self.spans = _stage_spans(self.method.stages())
@@ -147,7 +164,8 @@ class Trainer:
         self.train_log: list[dict[str, float]] = []  # mean loss terms per log window
         self.train_seconds = 0.0
         self.writer = None
-        dump_config(cfg, self.run_dir / "config.yaml")
+        if self.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ helpers for methods
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -201,14 +219,38 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if self.ranks.enabled or state.get("rank_states"):
+            self._load_rank_state(state)
         self.best = dict(state["best"])
         self.history = list(state["history"])
         self.train_log = list(state["train_log"])
         self.train_seconds = float(state["train_seconds"])
         self.method.load_extra_state(state["method_state"])
 
+    def _load_rank_state(self, state: dict[str, Any]) -> None:
+        """This rank's own sampler and RNG state; a job resumed with another process count re-seeds them."""
+        saved = state.get("rank_states") or []
+        if len(saved) == self.ranks.world_size:
+            self.sampler.load_state_dict(saved[self.ranks.rank]["sampler"])
+            torch.set_rng_state(saved[self.ranks.rank]["torch_rng"])
+            return
+        if self.is_main:
+            log.warning("checkpoint written by %d process(es), resumed with %d: the data order differs from an "
+                        "uninterrupted run", max(len(saved), 1), self.ranks.world_size)
+        if self.ranks.rank > 0:  # rank 0 continues as the checkpoint's rank 0; the others draw afresh
+            seed = int(self.cfg["seed"]) + self.ranks.rank + 1_000_003 * self.iteration
+            self.sampler.load_state_dict({
+                "generator": torch.Generator().manual_seed(seed).get_state(),
+                "streams": [{"indices": s["indices"], "perm": torch.empty(0, dtype=torch.long), "pos": 0}
+                            for s in state["sampler"]["streams"]],
+            })
+            torch.manual_seed(seed)
+
     def resume(self) -> bool:
         """Continue from the newest readable checkpoint in the run directory, if any."""
+        if self.is_main:  # temp files of writes cut short by a kill: never loaded, only clutter
+            for partial in self.ckpt_dir.glob(".*.tmp"):
+                partial.unlink(missing_ok=True)
         found = load_latest(self.ckpt_dir)
         if found is None:
             return False
@@ -218,6 +260,8 @@ class Trainer:
         return True
 
     def save_best(self) -> None:
+        if not self.is_main:
+            return
         state = self.state_dict()
         for k in ("optimizer", "sampler", "torch_rng", "method_state"):
             state.pop(k)  # best.pt is for inference: weights + config
@@ -230,12 +274,14 @@ class Trainer:
         return self.cfg["lr"] * (1.0 - done) ** self.cfg["lr_power"]
 
     def validate(self) -> float:
-        _, summary = evaluate_volumes(self.method, self.data.val, self.cfg, self.device, distances=False)
+        # several ranks: each scores a share of the volumes; a single process scores them all
+        _, summary = distributed.evaluate_volumes_sharded(self.method, self.data.val, self.cfg, self.device,
+                                                          distances=False)
         return float(summary["overall"]["dice"]["mean"])
 
     def fit(self) -> dict[str, Any]:
         cfg, method = self.cfg, self.method
-        if cfg["tensorboard"]:
+        if cfg["tensorboard"] and self.is_main:
             from torch.utils.tensorboard import SummaryWriter  # imported late: costs ~1 s
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
@@ -246,7 +292,7 @@ class Trainer:
             self.total_iterations, self.device,
         )
         interactive = sys.stderr.isatty()  # in a log file, one progress line a minute is plenty
-        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not cfg["progress"],
+        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not (cfg["progress"] and self.is_main),
                    dynamic_ncols=True, desc=str(cfg["method"]), mininterval=0.5 if interactive else 60)
         window: dict[str, tuple[float, int]] = {}
         tic = time.perf_counter()
@@ -257,7 +303,10 @@ class Trainer:
                          len(self.spans), span.stage.name, self.iteration, span.stage.iterations)
                 if span.stage.restart_schedule:
                     self.optimizer = self._make_optimizer()
-                method.on_stage_start(span.stage, self)
+                if self.is_main:  # several ranks: rank 0 alone (pseudo-labels, files), the others receive it
+                    method.on_stage_start(span.stage, self)
+                if self.ranks.enabled:
+                    distributed.share_stage_start(method, self.sampler, self.ranks)
                 self.started_stage = span.index
             lr = self._lr(span)
             for group in self.optimizer.param_groups:
@@ -268,16 +317,22 @@ class Trainer:
             with self.autocast():
                 losses = method.train_step(batch, self.iteration)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            # several ranks: checked on the mean over ranks, so a NaN on one rank stops all of them together
+            checked = distributed.mean_over_ranks(losses) if self.ranks.enabled else losses
+            if not torch.isfinite(sum(checked.values())):
+                bad = [k for k, v in checked.items() if not torch.isfinite(v)]
                 raise NonFiniteLossError(
                     f"iteration {self.iteration}: loss term(s) {bad} are not finite; training stopped, the last "
                     f"good checkpoint in {self.ckpt_dir} is untouched"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.ranks.enabled:
+                distributed.average_gradients(p for g in self.optimizer.param_groups for p in g["params"])
             self.optimizer.step()
             method.after_step(self.iteration)
+            if self.ranks.enabled:
+                distributed.broadcast_buffers(method.networks)
             self.iteration += 1
             bar.update(1)
             for k, v in {**losses, "loss": loss}.items():
@@ -296,6 +351,7 @@ class Trainer:
         bar.close()
         if self.writer is not None:
             self.writer.close()
+        distributed.barrier()  # rank 0's last checkpoint and best.pt are on disk before any rank reads them
         return {"best": self.best, "last_dice": self.history[-1]["dice"] if self.history else None}
 
     def _validate_and_checkpoint(self, span: StageSpan) -> None:
@@ -307,7 +363,12 @@ class Trainer:
             self.save_best()
         log.info("iteration %d (%s): val Dice %.4f (best %.4f at %d)", self.iteration, span.stage.name, dice,
                  self.best["dice"], self.best["iteration"])
-        save_iteration_checkpoint(self.state_dict(), self.ckpt_dir, self.iteration, self.cfg["keep_checkpoints"])
+        state = self.state_dict()
+        if self.ranks.enabled:  # every rank's data order and RNG, so a resumed job continues each one
+            state["rank_states"] = distributed.all_gather_objects(
+                {"sampler": state["sampler"], "torch_rng": state["torch_rng"]})
+        if self.is_main:
+            save_iteration_checkpoint(state, self.ckpt_dir, self.iteration, self.cfg["keep_checkpoints"])
 
     def scalars(self, values: dict[str, float], step: int | None = None) -> None:
         """TensorBoard scalars (methods call this for their own diagnostics).

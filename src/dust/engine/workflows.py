@@ -12,7 +12,9 @@ import torch
 
 from dust.config import format_run_dir, resolve_config, resolve_data_dir
 from dust.data import load_training_data
+from dust.data.check import check_data, raise_if_problems
 from dust.data.ssl4mis import load_volumes
+from dust.engine import distributed
 from dust.engine.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from dust.engine.evaluation import evaluate_volumes, write_evaluation
 from dust.engine.trainer import Trainer, build_method, pick_device
@@ -32,6 +34,8 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
     """Train, then evaluate the last and best checkpoints on the validation split with every metric.
 
     Writes ``metrics_val_{last,best}.{csv,json}`` and ``results.json`` (benchmark records) into the run dir.
+    The dataset is checked first (``dust check-data``): a problem stops the run before any training. Started
+    as one of several processes (torchrun, ``dust train --nproc``), it trains data-parallel and rank 0 writes.
     """
     run_dir = format_run_dir(cfg)
     # checked before the Trainer exists: it would overwrite the earlier run's config.yaml and log
@@ -40,6 +44,18 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
             f"{run_dir} already holds checkpoints; continue it with `dust train --resume {run_dir}` "
             "or choose another run_dir (--set run_dir=...)"
         )
+    owns_group = not torch.distributed.is_initialized()
+    ranks = distributed.init_from_env(pick_device(cfg["device"]))
+    try:
+        # rank 0 reads the files; every rank stops on the same problems
+        raise_if_problems(distributed.broadcast_object(check_data(cfg) if ranks.is_main else None))
+        return _train_and_evaluate(cfg, resume, command)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list[dict]:
     trainer = Trainer(cfg)
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
@@ -50,13 +66,28 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
             state = load_checkpoint(trainer.ckpt_dir / "best.pt")
             for k, net in trainer.method.networks.items():
                 net.load_state_dict(state["networks"][k])
-        per_case, summary = evaluate_volumes(trainer.method, trainer.data.val, cfg, trainer.device)
-        write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
+        per_case, summary = distributed.evaluate_volumes_sharded(trainer.method, trainer.data.val, cfg,
+                                                                 trainer.device)
+        if trainer.is_main:
+            write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
         records.append(make_record(cfg, summary, tag, trainer.train_seconds, command))
         log.info("%s checkpoint: %s Dice %.2f | per class %s", tag, cfg["val_split"], records[-1]["dice"],
                  {c: v["dice"] for c, v in records[-1]["per_class"].items()})
-    (trainer.run_dir / "results.json").write_text(json.dumps(records, indent=1))
+    if trainer.is_main:
+        (trainer.run_dir / "results.json").write_text(json.dumps(records, indent=1))
+        write_run_report(trainer.run_dir)
     return records
+
+
+def write_run_report(run_dir: Path) -> None:
+    """``run_dir/report.html``; a failure is a warning: the run's checkpoints and metrics are already written."""
+    try:
+        from dust.report import write_report  # imported late: matplotlib costs ~0.5 s
+
+        log.info("report: %s", write_report([run_dir], run_dir / "report.html"))
+    except Exception as err:  # whatever went wrong, the results written above must survive it
+        log.warning("no report written for %s (%s: %s); retry with `dust report %s`",
+                    run_dir, type(err).__name__, err, run_dir)
 
 
 def load_trained(path: Path, device: torch.device | None = None) -> tuple[Any, dict[str, Any]]:
@@ -73,8 +104,11 @@ def load_trained(path: Path, device: torch.device | None = None) -> tuple[Any, d
     return method, cfg
 
 
-def evaluate_checkpoint(path: Path, split: str, data_dir: str | None, out_dir: Path | None) -> dict:
-    """Evaluate a checkpoint on ``<split>.list`` volumes; writes metrics CSV/JSON next to the checkpoint."""
+def evaluate_checkpoint(
+    path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None
+) -> dict:
+    """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
+    defaults to the checkpoint's file name) next to the checkpoint."""
     method, cfg = load_trained(path)
     root = resolve_data_dir(data_dir or cfg["data_dir"])
     if data_dir is None and cfg["generate_phantom"]:
@@ -82,7 +116,7 @@ def evaluate_checkpoint(path: Path, split: str, data_dir: str | None, out_dir: P
     volumes = load_volumes(root, split, cfg["num_classes"])
     per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
     out_dir = out_dir or path.parent.parent
-    write_evaluation(out_dir, f"{split}_{path.stem}", volumes, per_case, summary)
+    write_evaluation(out_dir, f"{split}_{tag or path.stem}", volumes, per_case, summary)
     return summary
 
 

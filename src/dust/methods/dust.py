@@ -10,7 +10,8 @@ Algorithm 1 as three engine stages sharing ``cfg["iterations"]``:
 - ``stage2``: S refreshes the pseudo-labels of the whole pool and re-trains on labelled + all unlabelled.
 
 Pseudo-labels are fixed within a stage (offline, as in Algorithm 1) and the sampler augments them together
-with their image. L_unsup is the UNRC loss (Eq. 4) on the decoders' KL divergence (Eq. 2).
+with their image. L_unsup is the UNRC loss (Eq. 4) on the decoders' KL divergence (Eq. 2). The schedule, the
+snapshots, pool inference and resume state are shared with ST++ (``dust.methods.staged``).
 
 The ablations share this code and the dual-decoder network (so rows differ only in the module switched off,
 not in capacity): ``self_training`` (no sorting: both stages use the whole pool; plain CE on pseudo-labels),
@@ -19,23 +20,18 @@ not in capacity): ``self_training`` (no sorting: both stages use the whole pool;
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dust.config import ConfigError
-from dust.data.transforms import resize_image, resize_label
-from dust.engine.checkpoint import atomic_save, load_checkpoint
 from dust.losses import supervised_loss, uncertainty_rectified_loss
 from dust.methods import register
-from dust.methods.base import Method, Stage
-from dust.models import make_model
+from dust.methods.base import Stage
+from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
 from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
 from dust.uncertainty.report import save_uncertainty_figure, write_sample_uncertainty_csv
 
@@ -44,8 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dust")
 
-_SCHEDULE = {"pretrain_fraction": 0.4, "stage1_fraction": 0.3, "restart_lr_per_stage": True}
-_SORTING = {"checkpoint_points": [1 / 3, 2 / 3, 1.0], "reliable_fraction": 0.5}
 _UNRC = {
     # Eq. 4 as written lets the gradient flow through the weight exp(-D_kl): d/dD_kl = 1 - exp(-D_kl) * CE, so
     # wherever CE > exp(D_kl) the decoders are pushed apart to discount pixels that contradict their pseudo-label
@@ -53,55 +47,17 @@ _UNRC = {
     # down. False (default) follows the paper.
     "detach_uncertainty_weight": False,
 }
-_INFERENCE_BATCH = 64  # slices per forward when sorting / pseudo-labelling the pool
 _FIGURE_EXAMPLES = 4
 
 
 @register("dust")
-class DUST(Method):
+class DUST(StagedSelfTraining):
     """Full DUST (Table 3 "ST+SS+UNRC"); the two switches below are what the ablation subclasses turn off."""
 
+    model_name = "dual_unet2d"
     sample_sorting = True  # SS module: sort the pool by Eq. 1, reliable part first
     unrc = True  # UNRC module: Eq. 4 instead of plain CE on pseudo-labels
-    defaults = {**_SCHEDULE, **_SORTING, **_UNRC}
-
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__(cfg)
-        self.uses_unlabeled = False  # the teacher pre-trains on labelled data only; stage 1 turns this on
-        self.uncertainty: torch.Tensor | None = None  # Eq. 1 per unlabelled slice (pool order)
-        self.order: torch.Tensor | None = None  # pool indices, ascending uncertainty
-        self.reliable: torch.Tensor | None = None  # the first reliable_fraction of order
-
-    # ------------------------------------------------------------------ set-up
-    def build(self) -> None:
-        self.networks["model"] = make_model(self.cfg, "dual_unet2d")
-        # checked here so a bad checkpoint_points fails before training, not at the end of pre-training
-        self.snapshot_at = self._snapshot_iterations() if self.sample_sorting else []
-
-    def stages(self) -> list[Stage]:
-        total, restart = int(self.cfg["iterations"]), bool(self.cfg["restart_lr_per_stage"])
-        pre = round(total * self.cfg["pretrain_fraction"])
-        s1 = round(total * self.cfg["stage1_fraction"])
-        return [Stage("pretrain", pre), Stage("stage1", s1, restart), Stage("stage2", total - pre - s1, restart)]
-
-    def _snapshot_iterations(self) -> list[int]:
-        """Iteration counts (1-based) at which pre-training snapshots k = 1..K are written."""
-        points, pre = list(self.cfg["checkpoint_points"]), self.stages()[0].iterations
-        its = [max(1, round(float(p) * pre)) for p in points]
-        increasing = all(b > a for a, b in zip(its[:-1], its[1:], strict=True))
-        if len(its) < 2 or not increasing or not all(0 < float(p) <= 1 for p in points):
-            raise ConfigError(
-                f"checkpoint_points {points}: Eq. 1 needs K >= 2 increasing fractions in (0, 1] that fall on "
-                f"distinct iterations of the {pre}-iteration pre-training (they give {its})"
-            )
-        return its
-
-    def _snapshot_path(self, k: int) -> Path:
-        return self.trainer.ckpt_dir / f"pretrain_k{k}.pt"
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        if len(trainer.data.unlabeled) == 0:
-            raise ValueError(f"method {self.cfg['method']!r} needs unlabelled slices but the pool is empty")
+    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_UNRC}
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
@@ -129,12 +85,6 @@ class DUST(Method):
             }, step=iteration + 1)
         return {"sup": sup, "unsup": unsup}
 
-    def after_step(self, iteration: int) -> None:
-        # Snapshots are files (network state only): stage 1 reads them back, also when the run was resumed.
-        if iteration + 1 in self.snapshot_at:
-            k = self.snapshot_at.index(iteration + 1) + 1
-            atomic_save(self.networks["model"].state_dict(), self._snapshot_path(k))
-
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.networks["model"].forward_main(x)
 
@@ -156,25 +106,16 @@ class DUST(Method):
         self, nets: list[nn.Module], indices: list[int], trainer: Trainer, aux: bool = True
     ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
         """(pool indices, images at patch size, [(main, aux or None) logits in float32 per net]) per batch."""
-        pool, size = trainer.data.unlabeled, tuple(self.cfg["patch_size"])
         for net in nets:
             net.eval()  # the engine puts them back in train mode before the next step
-        for start in range(0, len(indices), _INFERENCE_BATCH):
-            idx = indices[start : start + _INFERENCE_BATCH]
-            x = trainer.to_device(torch.cat([
-                resize_image(pool.images[i][None], size, self.cfg["image_interpolation"]) for i in idx
-            ]))
+        for idx, x in self.pool_batches(indices, trainer):
             with torch.inference_mode(), trainer.autocast():
                 outs = [net(x) if aux else (net.forward_main(x), None) for net in nets]
             yield idx, x, [(m.float(), None if a is None else a.float()) for m, a in outs]
 
     def _sort_pool(self, trainer: Trainer) -> None:
         """Eq. 1 from the K pre-training snapshots, then the ascending sort and the reliable split."""
-        snapshots = []
-        for k in range(1, len(self.snapshot_at) + 1):
-            net = copy.deepcopy(self.networks["model"])  # same device and layout; draws no random numbers
-            net.load_state_dict(load_checkpoint(self._snapshot_path(k)))
-            snapshots.append(net)
+        snapshots = self.load_snapshots()
         pool = trainer.data.unlabeled
         values = [
             sample_uncertainty([torch.softmax(main, 1) for main, _ in outs])
@@ -200,7 +141,7 @@ class DUST(Method):
         for idx, x, [(main, aux)] in self._forward([net], indices.tolist(), trainer):
             patch_labels = main.argmax(1).cpu()
             for j, i in enumerate(idx):
-                labels[i] = resize_label(patch_labels[j : j + 1], tuple(pool.images[i].shape[-2:]))[0].to(torch.uint8)
+                labels[i] = self.label_at_slice_size(patch_labels[j], pool.images[i])
                 if i in picks:
                     u = "" if self.uncertainty is None else f"\nsample uncertainty {float(self.uncertainty[i]):.3g}"
                     panels["titles"].append(f"{pool.ids[i]}{u}")
@@ -214,27 +155,13 @@ class DUST(Method):
         )
         log.info("%s: pseudo-labels for %d of %d unlabelled slices", stage, len(indices), len(pool))
 
-    # ------------------------------------------------------------------ resume
-    def extra_state(self) -> dict[str, Any]:
-        # The sampler's own state already holds the restricted unlabelled indices.
-        return {
-            "uses_unlabeled": self.uses_unlabeled,
-            "pseudo_labels": self.trainer.data.unlabeled.pseudo_labels,
-            "uncertainty": self.uncertainty, "order": self.order, "reliable": self.reliable,
-        }
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.uses_unlabeled = bool(state["uses_unlabeled"])
-        self.trainer.data.unlabeled.pseudo_labels = state["pseudo_labels"]
-        self.uncertainty, self.order, self.reliable = state["uncertainty"], state["order"], state["reliable"]
-
 
 @register("st_ss")
 class SelfTrainingSampleSorting(DUST):
     """Table 3 "ST+SS": sample sorting, plain CE on pseudo-labels (dual decoder kept for a fair comparison)."""
 
     unrc = False
-    defaults = {**_SCHEDULE, **_SORTING}
+    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS}
 
 
 @register("self_training")
@@ -243,4 +170,4 @@ class SelfTraining(DUST):
 
     sample_sorting = False
     unrc = False
-    defaults = dict(_SCHEDULE)
+    defaults = dict(SCHEDULE_DEFAULTS)

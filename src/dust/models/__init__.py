@@ -6,9 +6,10 @@ from typing import Any
 
 import torch.nn as nn
 
+from dust.models.deep_supervision import DeepSupervisionUNet2D
 from dust.models.unet2d import DualDecoderUNet2D, UNet2D
 
-__all__ = ["UNet2D", "DualDecoderUNet2D", "make_model"]
+__all__ = ["UNet2D", "DualDecoderUNet2D", "DeepSupervisionUNet2D", "make_model"]
 
 
 def make_model(cfg: dict[str, Any], model: str | None = None, upsample: str | None = None) -> nn.Module:
@@ -22,4 +23,6 @@ def make_model(cfg: dict[str, Any], model: str | None = None, upsample: str | No
         return UNet2D(**common, upsample=upsample or cfg["upsample"])
     if name == "dual_unet2d":
         return DualDecoderUNet2D(**common)
-    raise ValueError(f"unknown model {name!r}; choose unet2d or dual_unet2d")
+    if name == "unet2d_ds":
+        return DeepSupervisionUNet2D(**common, upsample=upsample or cfg["upsample"])
+    raise ValueError(f"unknown model {name!r}; choose unet2d, dual_unet2d or unet2d_ds")

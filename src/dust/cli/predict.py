@@ -1,0 +1,28 @@
+"""``dust predict --checkpoint CKPT --input FILE_OR_DIR --output DIR [--uncertainty]``: label NIfTIs for new cases."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dust.engine.predict import predict_cases
+
+    out = Path(args.output)
+    written = predict_cases(Path(args.checkpoint), Path(args.input), out, uncertainty=args.uncertainty)
+    extra = f" and uncertainty maps in {out / 'uncertainty'}" if args.uncertainty else ""
+    print(f"dust predict: {len(written)} label map(s) in {out}{extra}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment NIfTI (or h5) cases; labels are written on the input's voxel grid "
+                                       "with its affine and header")
+    p.add_argument("--checkpoint", required=True, help="a dust checkpoint (e.g. RUN_DIR/checkpoints/best.pt)")
+    p.add_argument("--input", required=True, help="a case file, or a folder of cases (.nii.gz, .nii, .h5; "
+                                                  "nnU-Net channel files CASE_0000, CASE_0001 are one case)")
+    p.add_argument("--output", required=True, help="folder for <case>.nii.gz label maps")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write uncertainty/<case>.nii.gz: decoder KL (dual-decoder models) or entropy")
+    p.set_defaults(func=cmd_predict)

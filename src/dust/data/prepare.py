@@ -1,0 +1,482 @@
+"""``dust prepare``: a NIfTI dataset -> dust's training layout (the SSL4MIS h5 layout the reader reads).
+
+Sources (``layout``, detected when ``auto``):
+
+- ``msd``: a Medical Segmentation Decathlon folder: ``dataset.json`` ("modality", "labels", "training",
+  "test"), ``imagesTr/`` (3D, or 4D with the modalities on the last axis), ``labelsTr/``, ``imagesTs/``;
+- ``nnunet``: an nnU-Net v2 folder: ``dataset.json`` ("channel_names", "labels", "file_ending"),
+  ``imagesTr/CASE_0000.nii.gz`` (one file per channel), ``labelsTr/CASE.nii.gz``, optional ``imagesTs/``;
+- ``acdc``: the ACDC challenge download, ``patientXXX/patientXXX_frameYY.nii.gz`` (+ ``_gt.nii.gz``),
+  which prepared with ``minmax`` gives the arrays of SSL4MIS's ACDC h5 files;
+
+plus folders of unlabelled images for the unlabelled pool. Test images without labels (``imagesTs``) join
+that pool too. Written under ``out``::
+
+    data/<case>_slice_<n>.h5   training cases (labelled and pool), one file per slice, n from 1 (as SSL4MIS)
+    data/<case>.h5             val / test cases as whole volumes
+    train_slices.list          labelled patients first (``labeled_patients`` counts them), then the pool
+    val.list, test.list        volume names
+    splits.json                case ids per split: edit it, then prepare again with ``--splits``
+    dust_dataset.json          the record: source, channels, classes, normalisation, per-case geometry
+    dust.yaml                  the data keys of a training config for this dataset
+
+Every h5 file carries ``case_id``, ``spacing`` (mm, in the stored (S, H, W) axis order; volumes only),
+``affine`` and ``slice_axis`` attributes; a slice also its ``slice_index`` along ``slice_axis``.
+Splits are by patient (``patient028_frame01`` and ``_frame12`` stay together) and seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from dust.data.nifti import (
+    CHANNEL_FILE,
+    INTENSITY_NORMS,
+    NIFTI_ENDINGS,
+    find_input_cases,
+    load_nifti,
+    nifti_stem,
+    normalize,
+    read_channels,
+    read_label,
+    spacing_of,
+    stored_axes,
+    to_stored,
+    visible_files,
+)
+from dust.data.ssl4mis import DataError, patient_of
+
+log = logging.getLogger("dust")
+
+LAYOUTS = ("msd", "nnunet", "acdc")
+SPLITS = ("labeled", "unlabeled", "val", "test")
+DATASET_FILE = "dust_dataset.json"
+CONFIG_FILE = "dust.yaml"
+# config keys that must equal what prepare did, or `dust predict` would feed the model something else
+RECORDED_KEYS = ("in_channels", "num_classes", "intensity_norm", "slice_axis", "modalities")
+ACDC_CLASSES = ["background", "RV", "Myo", "LV"]
+_ACDC_FRAME = re.compile(r"^patient\d+_frame\d+$")
+
+
+@dataclass
+class SourceCase:
+    case_id: str
+    images: list[Path]  # one 3D / 4D file, or one file per channel
+    label: Path | None
+
+    @property
+    def patient(self) -> str:
+        return patient_of(self.case_id)
+
+
+@dataclass
+class Source:
+    layout: str
+    channel_names: list[str]
+    class_names: list[str]
+    cases: list[SourceCase]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def _entry(meta: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise DataError(f"{path}: no {key!r} entry")
+    return meta[key]
+
+
+def _indexed_names(mapping: Any, key: str, path: Path) -> list[str]:
+    """``{"0": "T2", "1": "ADC"}`` -> ["T2", "ADC"]; refused unless the keys are 0..n-1."""
+    try:
+        by_index = {int(k): str(v) for k, v in mapping.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{path}: {key!r} must map \"0\", \"1\", ... to names") from None
+    if sorted(by_index) != list(range(len(by_index))) or not by_index:
+        raise DataError(f"{path}: {key!r} values {sorted(by_index)} are not 0..n-1; dust needs consecutive labels "
+                        "and channels starting at 0 (label 0 = background)")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def _existing(path: Path, why: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found ({why})")
+    return path
+
+
+def _msd_source(root: Path) -> Source:
+    path = root / "dataset.json"
+    meta = _read_json(path)
+    channel_names = _indexed_names(_entry(meta, "modality", path), "modality", path)
+    class_names = _indexed_names(_entry(meta, "labels", path), "labels", path)
+    cases = []
+    for entry in _entry(meta, "training", path):
+        if not (isinstance(entry, dict) and "image" in entry and "label" in entry):
+            raise DataError(f"{path}: every 'training' entry needs 'image' and 'label', got {entry!r}")
+        image = _existing(root / entry["image"], f"listed in {path}")
+        cases.append(SourceCase(_case_id(image), [image], _existing(root / entry["label"], f"listed in {path}")))
+    for entry in meta.get("test", []):
+        image = _existing(root / str(entry), f"listed in {path}")
+        cases.append(SourceCase(_case_id(image), [image], None))
+    return Source("msd", channel_names, class_names, cases)
+
+
+def _case_id(path: Path) -> str:
+    stem = nifti_stem(path)
+    if stem is None:
+        raise DataError(f"{path}: not a NIfTI file name (.nii.gz or .nii); dust reads NIfTI only")
+    return stem
+
+
+def _nnunet_source(root: Path) -> Source:
+    path = root / "dataset.json"
+    meta = _read_json(path)
+    channel_names = _indexed_names(_entry(meta, "channel_names", path), "channel_names", path)
+    labels = _entry(meta, "labels", path)
+    if not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
+        raise DataError(f"{path}: 'labels' must map names to integer values (region-based labels are not supported)")
+    class_names = _indexed_names({v: k for k, v in labels.items()}, "labels", path)
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{path}: file_ending {ending!r}: dust reads NIfTI only ({', '.join(NIFTI_ENDINGS)})")
+    n = len(channel_names)
+    cases = []
+    for label in visible_files(root / "labelsTr"):
+        if label.name.endswith(ending):
+            cid = label.name[: -len(ending)]
+            images = [_existing(root / "imagesTr" / f"{cid}_{i:04d}{ending}",
+                                f"{path} declares {n} channel(s); the image of {label}") for i in range(n)]
+            cases.append(SourceCase(cid, images, label))
+    labelled = {c.case_id for c in cases}
+    for image in visible_files(root / "imagesTr"):
+        if image.name.endswith(ending):
+            m = CHANNEL_FILE.match(image.name[: -len(ending)])
+            cid = m.group(1) if m else image.name[: -len(ending)]
+            if cid not in labelled:
+                raise DataError(f"{root / 'labelsTr' / (cid + ending)}: file not found (the label of {image})")
+    if (root / "imagesTs").is_dir():
+        cases += _image_folder_cases(root / "imagesTs")
+    return Source("nnunet", channel_names, class_names, cases)
+
+
+def _acdc_source(root: Path) -> Source:
+    images = sorted(p for p in root.rglob("patient*_frame*.nii*")
+                    if (stem := nifti_stem(p)) is not None and _ACDC_FRAME.match(stem))
+    if not images:
+        raise DataError(f"{root}: no ACDC frames (patientXXX/patientXXX_frameYY.nii.gz) found")
+    cases = []
+    for image in images:
+        ending = ".nii.gz" if image.name.endswith(".nii.gz") else ".nii"
+        label = image.with_name(f"{nifti_stem(image)}_gt{ending}")
+        cases.append(SourceCase(nifti_stem(image), [image], label if label.is_file() else None))
+    return Source("acdc", ["cine-MRI"], list(ACDC_CLASSES), cases)
+
+
+def _image_folder_cases(folder: Path) -> list[SourceCase]:
+    """Unlabelled cases of a folder: NIfTI files, or nnU-Net channel files (CASE_0000, ...)."""
+    cases = []
+    for case in find_input_cases(folder):
+        if case.is_h5:
+            raise DataError(f"{case.paths[0]}: unlabelled folders hold NIfTI images, not h5 files")
+        cases.append(SourceCase(case.case_id, case.paths, None))
+    return cases
+
+
+def detect_layout(root: Path) -> str:
+    if not root.is_dir():
+        raise DataError(f"{root}: source folder not found")
+    described = root / "dataset.json"
+    if described.is_file():
+        meta = _read_json(described)
+        if "channel_names" in meta:
+            return "nnunet"
+        if "modality" in meta:
+            return "msd"
+        raise DataError(f"{described}: neither nnU-Net v2 ('channel_names') nor Medical Segmentation Decathlon "
+                        "('modality')")
+    if any(_ACDC_FRAME.match(nifti_stem(p) or "") for p in root.rglob("patient*_frame*.nii*")):
+        return "acdc"
+    raise DataError(f"{root}: not a known layout; expected dataset.json (Medical Segmentation Decathlon or nnU-Net "
+                    "v2) or ACDC's patientXXX/patientXXX_frameYY.nii.gz")
+
+
+def read_source(root: Path, layout: str = "auto") -> Source:
+    layout = detect_layout(root) if layout == "auto" else layout
+    readers = {"msd": _msd_source, "nnunet": _nnunet_source, "acdc": _acdc_source}
+    if layout not in readers:
+        raise ValueError(f"unknown layout {layout!r}; choose auto or one of {LAYOUTS}")
+    return readers[layout](root)
+
+
+def resolve_modalities(spec: Sequence[str] | None, channel_names: list[str]) -> list[int] | None:
+    """Modality names or indices -> channel indices; None when every channel is used in file order."""
+    if not spec:
+        return None
+    known = {name.lower(): i for i, name in enumerate(channel_names)}
+    picked = []
+    for item in spec:
+        index = int(item) if str(item).isdigit() else known.get(str(item).lower(), -1)
+        if not 0 <= index < len(channel_names):
+            raise ValueError(f"modality {item!r} is not one of the dataset's channels "
+                             f"{dict(enumerate(channel_names))}")
+        picked.append(index)
+    if len(set(picked)) != len(picked):
+        raise ValueError(f"modalities {list(spec)} name a channel twice")
+    return None if picked == list(range(len(channel_names))) else picked
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def _count(spec: float, n: int, name: str) -> int:
+    """A fraction (< 1) of ``n`` patients, at least one unless 0, or a whole number of patients."""
+    if spec < 0 or (spec >= 1 and spec != int(spec)):
+        raise ValueError(f"--{name} {spec}: give a fraction below 1 or a whole number of patients")
+    if spec >= 1:
+        return int(spec)
+    return 0 if spec == 0 else max(1, round(spec * n))
+
+
+def _by_patient(cases: list[SourceCase]) -> dict[str, list[SourceCase]]:
+    groups: dict[str, list[SourceCase]] = {}
+    for case in cases:
+        groups.setdefault(case.patient, []).append(case)
+    return groups
+
+
+def draw_splits(
+    cases: list[SourceCase], val: float, test: float, labeled: int | None, seed: int
+) -> dict[str, list[str]]:
+    """Seeded split by patient. Patients with labels are shuffled: val, then test, then the training
+    patients, of which the first ``labeled`` (default: all) are labelled and the rest join the pool together
+    with every unlabelled case."""
+    groups = _by_patient(cases)
+    with_labels = [p for p, cs in groups.items() if all(c.label is not None for c in cs)]
+    without = [p for p in groups if p not in with_labels]
+    rng = np.random.default_rng(seed)
+    order = [with_labels[i] for i in rng.permutation(len(with_labels))]
+    n_val, n_test = _count(val, len(order), "val"), _count(test, len(order), "test")
+    train = order[n_val + n_test :]
+    if n_val < 1 or not train:
+        raise DataError(f"{len(order)} patient(s) with labels, {n_val} for validation and {n_test} for test: need at "
+                        "least one validation patient and one labelled training patient")
+    n_labeled = len(train) if labeled is None else int(labeled)
+    if not 1 <= n_labeled <= len(train):
+        raise ValueError(f"--labeled {labeled}: choose 1..{len(train)} (patients with labels left for training)")
+
+    def ids(patients: list[str]) -> list[str]:
+        return [c.case_id for p in patients for c in groups[p]]
+
+    return {"labeled": ids(train[:n_labeled]), "unlabeled": ids(train[n_labeled:] + without),
+            "val": ids(order[:n_val]), "test": ids(order[n_val : n_val + n_test])}
+
+
+def read_splits(path: Path, cases: list[SourceCase]) -> dict[str, list[str]]:
+    """A user's (edited) splits.json, checked against the source. Cases it does not list are left out."""
+    meta = _read_json(path)
+    unknown = sorted(set(meta) - set(SPLITS) - {"seed"})
+    if unknown:
+        raise DataError(f"{path}: unknown key(s) {unknown}; a split file has {list(SPLITS)}")
+    known = {c.case_id: c for c in cases}
+    splits = {k: meta.get(k, []) for k in SPLITS}
+    seen: dict[str, str] = {}
+    for split, ids in splits.items():
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise DataError(f"{path}: {split!r} must be a list of case ids")
+        for cid in ids:
+            if cid not in known:
+                raise DataError(f"{path}: case {cid!r} (in {split!r}) is not in the source dataset")
+            if cid in seen:
+                raise DataError(f"{path}: case {cid!r} is in both {seen[cid]!r} and {split!r}")
+            seen[cid] = split
+            if split != "unlabeled" and known[cid].label is None:
+                raise DataError(f"{path}: case {cid!r} is in {split!r} but has no label")
+    patients = {k: {patient_of(c) for c in ids} for k, ids in splits.items()}
+    for a, b in (("labeled", "unlabeled"), ("labeled", "val"), ("labeled", "test"), ("unlabeled", "val"),
+                 ("unlabeled", "test"), ("val", "test")):
+        shared = sorted(patients[a] & patients[b])
+        if shared:
+            raise DataError(f"{path}: patient(s) {shared} have cases in both {a!r} and {b!r}; splits are by patient")
+    if not splits["labeled"] or not splits["val"]:
+        raise DataError(f"{path}: 'labeled' and 'val' each need at least one case")
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _write_h5(path: Path, image: np.ndarray, label: np.ndarray | None, attrs: dict[str, Any]) -> None:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image, compression="gzip")
+        if label is not None:
+            f.create_dataset("label", data=label, compression="gzip")
+        f.attrs.update(attrs)
+
+
+def _write_case(
+    case: SourceCase, split: str, data_dir: Path, source: Source, modalities: list[int] | None,
+    intensity_norm: str, slice_axis: int,
+) -> dict[str, Any]:
+    channels, reference = read_channels(case.images, None)
+    if len(channels) != len(source.channel_names):
+        raise DataError(f"{case.images[0]}: {len(channels)} channel(s), but the dataset's images have "
+                        f"{len(source.channel_names)} ({', '.join(source.channel_names)})")
+    if modalities is not None:
+        channels = channels[modalities]
+    label = None
+    if case.label is not None:
+        label = read_label(case.label, len(source.class_names), channels.shape[1:], case.images[0])
+        if not np.allclose(load_nifti(case.label).affine, reference.affine, atol=1e-3):
+            log.warning("%s: affine differs from its image's %s; the image's is kept", case.label, case.images[0])
+    image, stats = normalize(channels, intensity_norm, case.images[0])
+    image = to_stored(image, slice_axis)  # (C, S, H, W)
+    if image.shape[0] == 1:
+        image = image[0]  # single channel: exactly the SSL4MIS arrays, (S, H, W) and (H, W)
+    label = None if label is None else to_stored(label, slice_axis)
+    spacing = spacing_of(reference)
+    if max(spacing) > 1.5 * min(spacing) and int(np.argmax(spacing)) != slice_axis:
+        log.warning("%s: the coarsest voxel axis is %d (spacing %s) but slices are cut along slice_axis=%d",
+                    case.images[0], int(np.argmax(spacing)), spacing, slice_axis)
+    axes = stored_axes(slice_axis)
+    attrs = {"case_id": case.case_id, "affine": reference.affine, "slice_axis": slice_axis}
+    n_slices = image.shape[-3]
+    if split in ("val", "test"):
+        _write_h5(data_dir / f"{case.case_id}.h5", image, label,
+                  {**attrs, "spacing": [spacing[a] for a in axes]})
+        names = [case.case_id]
+    else:
+        names = [f"{case.case_id}_slice_{s + 1}" for s in range(n_slices)]
+        for s, name in enumerate(names):
+            _write_h5(data_dir / f"{name}.h5", image[..., s, :, :], None if label is None else label[s],
+                      {**attrs, "slice_index": s, "spacing": [spacing[a] for a in axes[1:]]})
+    return {
+        "patient": case.patient, "split": split, "images": [str(p) for p in case.images],
+        "label": None if case.label is None else str(case.label), "shape": list(reference.shape[:3]),
+        "spacing": list(spacing), "affine": reference.affine.tolist(), "stored_axes": list(axes),
+        "slices": n_slices, "normalisation": stats, "h5": names,
+    }
+
+
+def prepare_dataset(
+    source_dir: Path,
+    out_dir: Path,
+    *,
+    layout: str = "auto",
+    modalities: Sequence[str] | None = None,
+    intensity_norm: str = "minmax",
+    slice_axis: int = 2,
+    val: float = 0.2,
+    test: float = 0.0,
+    labeled: int | None = None,
+    seed: int = 0,
+    splits_file: Path | None = None,
+    unlabeled_dirs: Sequence[Path] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert ``source_dir`` into dust's layout under ``out_dir``; returns the dataset record.
+
+    Nothing is left behind on error: the dataset is written into a sibling folder and moved into place at
+    the end. ``out_dir`` may hold an earlier prepared dataset (it is replaced), not other files.
+    """
+    if intensity_norm not in INTENSITY_NORMS:
+        raise ValueError(f"intensity normalisation must be one of {INTENSITY_NORMS}, got {intensity_norm!r}")
+    stored_axes(slice_axis)  # validates
+    source = read_source(source_dir, layout)
+    for folder in unlabeled_dirs:
+        source.cases += _image_folder_cases(Path(folder))
+    duplicated = sorted(cid for cid, n in Counter(c.case_id for c in source.cases).items() if n > 1)
+    if duplicated:
+        raise DataError(f"{source_dir}: case id(s) {duplicated} occur more than once across the source folders")
+    picked = resolve_modalities(modalities, source.channel_names)
+    splits = read_splits(splits_file, source.cases) if splits_file else draw_splits(
+        source.cases, val, test, labeled, seed)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / DATASET_FILE).is_file():
+        raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not a dataset dust prepared; "
+                              "choose another --out")
+    staging = out_dir.parent / f".{out_dir.name}.preparing"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "data").mkdir(parents=True)
+    try:
+        record = _write_dataset(source, source_dir, out_dir, staging, splits, picked, intensity_norm, slice_axis,
+                                seed, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return record
+
+
+def _write_dataset(
+    source: Source, source_dir: Path, out_dir: Path, staging: Path, splits: dict[str, list[str]],
+    modalities: list[int] | None, intensity_norm: str, slice_axis: int, seed: int, progress: bool,
+) -> dict[str, Any]:
+    split_of = {cid: split for split, ids in splits.items() for cid in ids}
+    chosen = [c for c in source.cases if c.case_id in split_of]
+    left_out = len(source.cases) - len(chosen)
+    if left_out:
+        log.info("%d case(s) of the source are in no split and are left out", left_out)
+    num_classes = len(source.class_names)
+    cases = {}
+    for case in tqdm(chosen, desc="prepare", unit="case", disable=None if progress else True):  # None: terminal only
+        cases[case.case_id] = _write_case(case, split_of[case.case_id], staging / "data", source, modalities,
+                                          intensity_norm, slice_axis)
+    slices = [name for split in ("labeled", "unlabeled") for cid in splits[split] for name in cases[cid]["h5"]]
+    (staging / "train_slices.list").write_text("".join(f"{n}\n" for n in slices))
+    for split in ("val", "test"):
+        if splits[split]:
+            (staging / f"{split}.list").write_text("".join(f"{cid}\n" for cid in splits[split]))
+    (staging / "splits.json").write_text(json.dumps({"seed": seed, **splits}, indent=1))
+    in_channels = len(modalities) if modalities is not None else len(source.channel_names)
+    data_keys = {
+        "data_dir": str(out_dir.resolve()), "in_channels": in_channels, "num_classes": num_classes,
+        "class_names": source.class_names, "labeled_patients": len({patient_of(c) for c in splits["labeled"]}),
+        "intensity_norm": intensity_norm, "slice_axis": slice_axis, "modalities": modalities,
+    }
+    channel_names = [source.channel_names[i] for i in (modalities or range(len(source.channel_names)))]
+    record = {
+        "format": "dust-prepared-dataset", "version": 1, "source": str(source_dir.resolve()),
+        "layout": source.layout, "channel_names": channel_names,
+        **{k: data_keys[k] for k in ("class_names", *RECORDED_KEYS)},
+        "splits": {k: len(v) for k, v in splits.items()}, "seed": seed, "cases": cases,
+    }
+    (staging / DATASET_FILE).write_text(json.dumps(record, indent=1))
+    (staging / CONFIG_FILE).write_text(
+        f"# data keys written by `dust prepare` for {source_dir}; add a method and budget, e.g.\n"
+        f"#   dust train --config {out_dir / CONFIG_FILE} --set method=dust --set iterations=4000\n"
+        + yaml.safe_dump(data_keys, sort_keys=False))
+    log.info("prepared %s (%s): %s cases, %d training slices -> %s", source_dir, source.layout,
+             {k: len(v) for k, v in splits.items()}, len(slices), out_dir)
+    return record
+
+
+def check_prepared(cfg: dict[str, Any], root: Path) -> None:
+    """Refuse a config whose input keys differ from how ``dust prepare`` made the dataset at ``root``."""
+    path = root / DATASET_FILE
+    if not path.is_file():
+        return
+    meta = _read_json(path)
+    wrong = [f"{k}={cfg[k]!r} (prepared with {meta.get(k)!r})" for k in RECORDED_KEYS if cfg[k] != meta.get(k)]
+    if wrong:
+        raise DataError(f"{path}: the config does not match how this dataset was prepared: {', '.join(wrong)}; "
+                        f"use the data keys of {root / CONFIG_FILE}")

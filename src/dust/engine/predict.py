@@ -1,0 +1,201 @@
+"""Trained checkpoints applied to new cases: ``dust predict``, ``dust rank``, and scoring folders of NIfTIs.
+
+A case is read the way ``dust prepare`` read the training data (the checkpoint's config records
+``modalities``, ``intensity_norm`` and ``slice_axis``), predicted slice by slice with
+:func:`dust.engine.inference.predict_volume`, and written back on the input's own voxel grid with its affine
+and header (:mod:`dust.data.nifti`), so a viewer overlays it on the input without resampling.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dust.config import load_config
+from dust.data.nifti import (
+    InputCase,
+    find_input_cases,
+    nifti_stem,
+    read_input_case,
+    read_label_map,
+    spacing_of,
+    visible_files,
+    write_stored,
+)
+from dust.data.prepare import RECORDED_KEYS
+from dust.data.ssl4mis import DataError
+from dust.engine.checkpoint import CheckpointError, load_checkpoint
+from dust.engine.inference import predict_volume, predict_volume_heads
+from dust.engine.trainer import build_method, pick_device
+from dust.engine.workflows import full_config, load_trained
+from dust.methods import Method
+from dust.metrics import case_metrics, summarize, write_case_csv
+from dust.models import DualDecoderUNet2D
+from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty
+
+log = logging.getLogger("dust")
+
+
+def load_for_inference(path: Path) -> tuple[Method, dict[str, Any]]:
+    """A method in eval mode from a dust checkpoint, or from a DUST pre-training snapshot
+    (``checkpoints/pretrain_kK.pt``: network weights only; the config is its run's ``config.yaml``)."""
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and state.get("format") == "dust-checkpoint":
+        method, cfg = load_trained(path)
+    else:
+        config = path.resolve().parent.parent / "config.yaml"
+        if not config.is_file():
+            raise CheckpointError(f"{path}: holds network weights only, and its run's config {config} is missing")
+        cfg = full_config(load_config(config))
+        method = build_method(cfg, pick_device(cfg["device"]))
+        try:
+            method.networks["model"].load_state_dict(state)
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: the weights do not fit the model of {config} ({err})") from None
+    for net in method.networks.values():
+        net.eval()
+    return method, cfg
+
+
+def _progress(cases: list[InputCase], desc: str, enabled: bool) -> tqdm:
+    return tqdm(cases, desc=desc, unit="case", disable=None if enabled else True)  # None: on a terminal only
+
+
+def _read_case(case: InputCase, cfg: dict[str, Any]):
+    image, grid = read_input_case(case, cfg["modalities"], cfg["intensity_norm"], cfg["slice_axis"])
+    if image.shape[0] != cfg["in_channels"]:
+        raise DataError(f"{case.paths[0]}: {image.shape[0]} input channel(s) (modalities {cfg['modalities']}), but "
+                        f"the model takes in_channels={cfg['in_channels']}")
+    return image, grid
+
+
+def _heads(method: Method, uncertainty: bool) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Logits per forward: the method's prediction, then (for the KL map) both decoders of a dual-decoder net."""
+    net = method.networks.get("model")
+    if uncertainty and isinstance(net, DualDecoderUNet2D):
+        # labels stay method.predict's (what evaluation scores); the decoders' disagreement needs both outputs
+        return lambda x: (method.predict(x), *net(x))
+    return lambda x: (method.predict(x),)
+
+
+def uncertainty_map(probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(S, H, W) float32 from the heads' probabilities (K, S, H, W): D_kl(main || aux) of the two decoders
+    (DUST Eq. 2) when there are three heads (prediction, main, aux), else the prediction's entropy."""
+    log_probs = [torch.log(p.clamp_min(1e-12)).permute(1, 0, 2, 3) for p in probs]  # (S, K, H, W) each
+    return decoder_kl(log_probs[1], log_probs[2]) if len(log_probs) == 3 else predictive_entropy(log_probs[0])
+
+
+def predict_cases(
+    checkpoint: Path, input_path: Path, out_dir: Path, uncertainty: bool = False, progress: bool = True
+) -> list[Path]:
+    """Label NIfTIs ``out_dir/<case>.nii.gz`` (and ``out_dir/uncertainty/<case>.nii.gz``) for every case."""
+    folder = input_path if input_path.is_dir() else input_path.parent
+    if out_dir.resolve() == folder.resolve():
+        raise ValueError(f"{out_dir}: the output folder is the input folder; predictions would overwrite images")
+    method, cfg = load_for_inference(checkpoint)
+    device = pick_device(cfg["device"])
+    cases = find_input_cases(input_path)
+    heads = _heads(method, uncertainty)
+    written = []
+    for case in _progress(cases, "predict", progress):
+        image, grid = _read_case(case, cfg)
+        probs = predict_volume_heads(heads, image, tuple(cfg["patch_size"]), device, cfg["bf16"],
+                                     cfg["channels_last"], interpolation=cfg["image_interpolation"])
+        path = out_dir / f"{case.case_id}{case.ending}"
+        write_stored(grid, probs[0].argmax(0).numpy().astype(np.uint8), np.uint8, path)
+        written.append(path)
+        if uncertainty:
+            write_stored(grid, uncertainty_map(probs).numpy(), np.float32,
+                         out_dir / "uncertainty" / f"{case.case_id}{case.ending}")
+    return written
+
+
+def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, progress: bool = True) -> list[dict]:
+    """DUST's sample-level uncertainty (Eq. 1) of every case, written as a CSV sorted hardest first.
+
+    ``checkpoints`` in training order (e.g. DUST's ``pretrain_k1.pt .. pretrain_kK.pt``); the last one is the
+    reference F_K. A case's value is Eq. 1 averaged over all its voxels (the mean of its slices' values), at
+    the input's resolution; ``hardest_slice`` is the slice (index along ``slice_axis``) with the largest value.
+    """
+    if len(checkpoints) < 2:
+        raise ValueError("dust rank needs at least two checkpoints (Eq. 1 compares earlier ones with the last)")
+    models = [load_for_inference(Path(p)) for p in checkpoints]
+    cfg = models[-1][1]
+    for (_, other), path in zip(models, checkpoints, strict=True):
+        for key in (*RECORDED_KEYS, "patch_size", "image_interpolation"):
+            if other[key] != cfg[key]:
+                raise CheckpointError(f"{path}: {key}={other[key]!r} differs from {checkpoints[-1]}'s {cfg[key]!r}; "
+                                      "rank with checkpoints of one run")
+    device = pick_device(cfg["device"])
+    rows = []
+    for case in _progress(find_input_cases(input_path), "rank", progress):
+        image, _ = _read_case(case, cfg)
+        probs = torch.stack([
+            predict_volume(m.predict, image, tuple(c["patch_size"]), device, c["bf16"], c["channels_last"],
+                           interpolation=c["image_interpolation"])
+            for m, c in models
+        ])  # (K checkpoints, classes, S, H, W)
+        per_slice = sample_uncertainty(probs.permute(0, 2, 1, 3, 4))
+        rows.append({"case": case.case_id, "uncertainty": float(per_slice.mean()), "slices": len(per_slice),
+                     "hardest_slice": int(per_slice.argmax())})
+    rows.sort(key=lambda r: -r["uncertainty"])  # stable: ties keep case order
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "case", "uncertainty", "slices", "hardest_slice"])
+        for i, r in enumerate(rows, 1):
+            writer.writerow([i, r["case"], f"{r['uncertainty']:.6g}", r["slices"], r["hardest_slice"]])
+    return rows
+
+
+def evaluate_folders(
+    pred_dir: Path, ref_dir: Path, out_dir: Path | None = None, class_names: Sequence[str] | None = None
+) -> dict:
+    """Score ``pred_dir/<name>`` against every reference NIfTI ``ref_dir/<name>`` (nnU-Net's evaluate-folder).
+
+    Distances in mm use the reference header's voxel size. ``class_names`` (background first) names labels
+    0..K-1; by default every non-zero label found is scored, named by its value. Writes ``metrics.csv`` (per
+    case and class) and ``metrics.json`` (the summary) into ``out_dir`` (default: ``pred_dir``).
+    """
+    refs = [p for p in visible_files(ref_dir) if nifti_stem(p) is not None]
+    if not refs:
+        raise DataError(f"{ref_dir}: no reference NIfTI files (.nii.gz, .nii)")
+    pairs = [(pred_dir / ref.name, ref) for ref in refs]
+    for pred, ref in pairs:  # every file checked before the first (slow) surface distance
+        if not pred.is_file():
+            raise DataError(f"{pred}: file not found (the prediction for {ref})")
+    if class_names is None:  # a first pass for the labels present (the maps are not all held in memory)
+        found = sorted({int(v) for path in (p for pair in pairs for p in pair)
+                        for v in np.unique(read_label_map(path)[0])} - {0})
+        names = {v: str(v) for v in found}
+    else:
+        names = {i: n for i, n in enumerate(class_names) if i > 0}
+    per_case = []
+    for pred_path, ref_path in pairs:
+        (pred, pred_img), (ref, ref_img) = read_label_map(pred_path), read_label_map(ref_path)
+        if pred.shape != ref.shape:
+            raise DataError(f"{pred_path}: shape {pred.shape} differs from the reference {ref_path} {ref.shape}")
+        spacing = spacing_of(ref_img)
+        if not np.allclose(spacing_of(pred_img), spacing, rtol=1e-3):
+            raise DataError(f"{pred_path}: voxel size {spacing_of(pred_img)} differs from the reference {ref_path} "
+                            f"{spacing}")
+        if class_names is not None:
+            for label, path in ((pred, pred_path), (ref, ref_path)):
+                outside = sorted({int(v) for v in np.unique(label)} - set(range(len(class_names))))
+                if outside:
+                    raise DataError(f"{path}: label values {outside} outside the {len(class_names)} class names")
+        per_case.append(case_metrics(pred, ref, names, spacing))
+    summary = summarize(per_case)
+    out_dir = out_dir or pred_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_case_csv(out_dir / "metrics.csv", [nifti_stem(ref) for _, ref in pairs], per_case)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary

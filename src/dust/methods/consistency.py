@@ -1,0 +1,57 @@
+"""Pieces the consistency-based baselines share: the sigmoid ramp-up, the EMA teacher, input noise.
+
+Every schedule length is a fraction of the run's budget (``cfg["iterations"]``), never a fixed iteration
+count: SSL4MIS ramps its consistency weight over ``consistency_rampup=200`` "epochs" of 150 iterations, i.e.
+over 30000 iterations = its whole ``max_iterations``, so the same shape at any budget is ``rampup_fraction: 1.0``.
+A fixed 30000-iteration ramp inside a 4000-iteration run would leave the weight below 2.5% of its maximum.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# Config keys of the methods that weight an unsupervised term with a ramped-up weight (SSL4MIS's ACDC values).
+RAMPED_CONSISTENCY_DEFAULTS = {"consistency_weight": 0.1, "rampup_fraction": 1.0}
+
+
+def sigmoid_rampup(iteration: float, length: float) -> float:
+    """exp(-5 (1 - t)^2) with t = iteration / length clipped to [0, 1] (Laine & Aila 2017); 1 when length <= 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max(iteration / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def ramp(cfg: dict[str, Any], iteration: int) -> float:
+    """The ramp-up factor in [0, 1] at ``iteration``: the ramp lasts ``rampup_fraction`` of ``iterations``."""
+    return sigmoid_rampup(iteration, float(cfg["rampup_fraction"]) * int(cfg["iterations"]))
+
+
+def ema_teacher(student: nn.Module) -> nn.Module:
+    """A copy of the student that is never optimised (its parameters need no gradient)."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, iteration: int) -> None:
+    """teacher <- a * teacher + (1 - a) * student over the parameters, a = min(1 - 1 / (iteration + 1), decay).
+
+    ``iteration`` is 0-based (the step just taken): a = 0 at the first step copies the student, then the true
+    running average is used until it is older than ``decay`` allows (Tarvainen & Valpola 2017, as in SSL4MIS).
+    Buffers (BatchNorm statistics) are not averaged: the teacher's own forward passes update them.
+    """
+    alpha = min(1.0 - 1.0 / (iteration + 1), decay)
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+
+
+def input_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2) -> torch.Tensor:
+    """x + clamp(N(0, std^2), -clip, clip): the teacher's input perturbation of MT and UA-MT (SSL4MIS)."""
+    return x + torch.clamp(torch.randn_like(x) * std, -clip, clip)

@@ -1,0 +1,120 @@
+"""Three-stage self-training shared by DUST and ST++ (one schedule, snapshots, offline pseudo-labels).
+
+Both methods pre-train a teacher on labelled slices while writing K snapshots, rank the unlabelled pool by how
+much the snapshots disagree, re-train on labelled + the reliable part with fixed pseudo-labels (stage 1), then on
+labelled + the whole pool (stage 2). This base class holds what they share: the stages as fractions of
+``cfg["iterations"]``, the snapshot files, batched inference over the pool at patch size, pseudo-labels stored at
+each slice's own size in ``SliceSet.pseudo_labels`` (the sampler augments them with their image), and the state a
+resumed run needs. The network, the ranking score, which slices get (re)labelled and the loss stay in the method.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from dust.config import ConfigError
+from dust.data.transforms import resize_image, resize_label
+from dust.engine.checkpoint import atomic_save, load_checkpoint
+from dust.methods.base import Method, Stage
+from dust.models import make_model
+
+if TYPE_CHECKING:
+    from dust.engine.trainer import Trainer
+
+SCHEDULE_DEFAULTS = {"pretrain_fraction": 0.4, "stage1_fraction": 0.3, "restart_lr_per_stage": True}
+SORTING_DEFAULTS = {"checkpoint_points": [1 / 3, 2 / 3, 1.0], "reliable_fraction": 0.5}
+INFERENCE_BATCH = 64  # slices per forward when ranking / pseudo-labelling the pool
+
+
+class StagedSelfTraining(Method):
+    """pretrain -> stage1 -> stage2; subclasses set ``model_name`` and implement the stage starts and the loss."""
+
+    model_name = "unet2d"  # the make_model name of the one network ("model")
+    sample_sorting = True  # write K pre-training snapshots to rank the pool with
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.uses_unlabeled = False  # the teacher pre-trains on labelled data only; stage 1 turns this on
+        self.uncertainty: torch.Tensor | None = None  # ranking score per unlabelled slice (pool order), low = reliable
+        self.order: torch.Tensor | None = None  # pool indices, ascending uncertainty
+        self.reliable: torch.Tensor | None = None  # the first reliable_fraction of order
+
+    def build(self) -> None:
+        self.networks["model"] = make_model(self.cfg, self.model_name)
+        # checked here so a bad checkpoint_points fails before training, not at the end of pre-training
+        self.snapshot_at = self._snapshot_iterations() if self.sample_sorting else []
+
+    def stages(self) -> list[Stage]:
+        total, restart = int(self.cfg["iterations"]), bool(self.cfg["restart_lr_per_stage"])
+        pre = round(total * self.cfg["pretrain_fraction"])
+        s1 = round(total * self.cfg["stage1_fraction"])
+        return [Stage("pretrain", pre), Stage("stage1", s1, restart), Stage("stage2", total - pre - s1, restart)]
+
+    def _snapshot_iterations(self) -> list[int]:
+        """Iteration counts (1-based) at which pre-training snapshots k = 1..K are written."""
+        points, pre = list(self.cfg["checkpoint_points"]), self.stages()[0].iterations
+        its = [max(1, round(float(p) * pre)) for p in points]
+        increasing = all(b > a for a, b in zip(its[:-1], its[1:], strict=True))
+        if len(its) < 2 or not increasing or not all(0 < float(p) <= 1 for p in points):
+            raise ConfigError(
+                f"checkpoint_points {points}: ranking the pool needs K >= 2 increasing fractions in (0, 1] that "
+                f"fall on distinct iterations of the {pre}-iteration pre-training (they give {its})"
+            )
+        return its
+
+    def _snapshot_path(self, k: int) -> Path:
+        return self.trainer.ckpt_dir / f"pretrain_k{k}.pt"
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if len(trainer.data.unlabeled) == 0:
+            raise ValueError(f"method {self.cfg['method']!r} needs unlabelled slices but the pool is empty")
+
+    def after_step(self, iteration: int) -> None:
+        # Snapshots are files (network state only): stage 1 reads them back, also when the run was resumed.
+        if iteration + 1 in self.snapshot_at:
+            k = self.snapshot_at.index(iteration + 1) + 1
+            atomic_save(self.networks["model"].state_dict(), self._snapshot_path(k))
+
+    # ------------------------------------------------------------------ helpers for the stage starts
+    def load_snapshots(self) -> list[nn.Module]:
+        """The K pre-training snapshots, oldest first, as copies of the network (same device and layout)."""
+        snapshots = []
+        for k in range(1, len(self.snapshot_at) + 1):
+            net = copy.deepcopy(self.networks["model"])  # draws no random numbers
+            net.load_state_dict(load_checkpoint(self._snapshot_path(k)))
+            snapshots.append(net)
+        return snapshots
+
+    def pool_batches(self, indices: list[int], trainer: Trainer) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(pool indices, their images resized to the patch size on the device) in inference-sized batches."""
+        pool, size = trainer.data.unlabeled, tuple(self.cfg["patch_size"])
+        for start in range(0, len(indices), INFERENCE_BATCH):
+            idx = indices[start : start + INFERENCE_BATCH]
+            yield idx, trainer.to_device(torch.cat([
+                resize_image(pool.images[i][None], size, self.cfg["image_interpolation"]) for i in idx
+            ]))
+
+    @staticmethod
+    def label_at_slice_size(patch_label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """A (h, w) label predicted at patch size, resized (nearest) to its slice's (H, W), as uint8."""
+        return resize_label(patch_label[None], tuple(image.shape[-2:]))[0].to(torch.uint8)
+
+    # ------------------------------------------------------------------ resume
+    def extra_state(self) -> dict[str, Any]:
+        # The sampler's own state already holds the restricted unlabelled indices.
+        return {
+            "uses_unlabeled": self.uses_unlabeled,
+            "pseudo_labels": self.trainer.data.unlabeled.pseudo_labels,
+            "uncertainty": self.uncertainty, "order": self.order, "reliable": self.reliable,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.uses_unlabeled = bool(state["uses_unlabeled"])
+        self.trainer.data.unlabeled.pseudo_labels = state["pseudo_labels"]
+        self.uncertainty, self.order, self.reliable = state["uncertainty"], state["order"], state["reliable"]

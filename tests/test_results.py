@@ -1,0 +1,105 @@
+"""The results table (mean ± std over seeds, variants kept apart) and the benchmark that fills it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dust.cli.main import main
+from dust.engine.benchmark import Protocol, plan_benchmark, run_benchmark
+from dust.results import group_over_seeds, results_markdown
+
+DEFAULT = {"method": "supervised", "labeled_patients": 7, "iterations": 4000, "split": "val", "precision": "bf16",
+           "resize": "bilinear"}
+
+
+def _record(seed: int, dice: float, checkpoint: str = "last", **identity) -> dict:
+    per_class = {c: {"dice": dice + d, "jaccard": dice - 10, "hd95_vox": 5.0, "asd_vox": 1.0}
+                 for c, d in (("RV", -10.0), ("Myo", 0.0), ("LV", 10.0))}
+    return {**DEFAULT, **identity, "seed": seed, "checkpoint": checkpoint, "dice": dice, "jaccard": dice - 10,
+            "hd95_vox": 5.0, "asd_vox": 1.0, "per_class": per_class, "train_seconds": 10.0,
+            "command": f"dust train --set seed={seed} {identity}"}
+
+
+def _rows(md: str, section: str) -> list[str]:
+    """The table rows under a ``## section`` heading."""
+    block = md.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+
+
+def test_seeds_are_averaged_but_variants_are_not():
+    records = [_record(1, 60.0), _record(2, 70.0), _record(1, 50.0, precision="fp32"),
+               _record(1, 80.0, checkpoint="best"), _record(2, 90.0, checkpoint="best")]
+    groups = group_over_seeds(records)
+    assert sorted(len(rs) for rs in groups.values()) == [1, 2, 2]
+    md = results_markdown(records, "T")
+    last = _rows(md, "Last checkpoint")
+    # population std over the two seeds: mean 65, std 5
+    assert last[0].startswith("| supervised | 7 | 4000, val, bf16, bilinear | 1, 2 | 2 | 65.00 ± 5.00 | 55.00 ± 5.00 |")
+    assert last[1].startswith("| supervised | 7 | 4000, val, fp32, bilinear | 1 | 1 | 50.00 | 40.00 |")
+    assert len(last) == 2
+    best = _rows(md, "Best checkpoint")
+    assert len(best) == 1 and "| 85.00 ± 5.00 |" in best[0]
+    per_class = _rows(md, "Dice per class")
+    assert "| last | 2 | 55.00 ± 5.00 | 65.00 ± 5.00 | 75.00 ± 5.00 |" in per_class[0]
+    commands = md.split("## Commands", 1)[1]
+    assert all(r["command"] in commands for r in records)
+
+
+def test_rows_put_the_supervised_baseline_first_within_a_label_budget():
+    records = [_record(1, 70.0, method="dust", labeled_patients=14), _record(1, 60.0, labeled_patients=14),
+               _record(1, 65.0, method="dust"), _record(1, 55.0)]
+    rows = _rows(results_markdown(records, "T"), "Last checkpoint")
+    assert [r.split(" | ")[:2] for r in rows] == [["| supervised", "7"], ["| dust", "7"], ["| supervised", "14"],
+                                                  ["| dust", "14"]]
+
+
+def test_benchmark_dry_run_skips_what_the_json_holds(tmp_path: Path, capsys):
+    results = tmp_path / "results.json"
+    # seed 1337 of the default protocol is recorded; seed 4242 only as an fp32 variant, which does not count
+    results.write_text(json.dumps([_record(1337, 70.0), _record(1337, 72.0, checkpoint="best"),
+                                   _record(4242, 71.0, precision="fp32"),
+                                   _record(4242, 73.0, checkpoint="best", precision="fp32")]))
+    argv = ["benchmark", "--methods", "supervised", "--labeled-patients", "7", "--seeds", "1337", "4242",
+            "--json", str(results), "--markdown", str(tmp_path / "README.md"), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skip  supervised 7p seed 1337" in out and "run   supervised 7p seed 4242" in out
+    assert (f"dust train --config configs/acdc/supervised.yaml --set labeled_patients=7 --set seed=4242 "
+            f"--record {results}") in out
+    assert "1 to run, 1 skipped" in out
+    assert not (tmp_path / "README.md").exists()  # a dry run writes nothing
+
+
+def test_benchmark_unknown_method_is_one_clear_line(capsys):
+    assert main(["benchmark", "--methods", "no_such_method", "--dry-run"]) == 2
+    assert "no config for method 'no_such_method'" in capsys.readouterr().err
+
+
+def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "supervised.yaml").write_text(yaml.safe_dump({
+        "method": "supervised", "data_dir": str(phantom_root.resolve()), "labeled_patients": 2,
+        "patch_size": [32, 32], "channels": [4, 8, 16, 32, 64], "batch_size": 4, "iterations": 6, "val_every": 3,
+        "threads": 1, "tensorboard": False, "progress": False,
+        "run_dir": str(tmp_path / "runs" / "{method}_{labeled_patients}p_seed{seed}"),
+    }))
+    protocol = Protocol("tiny", configs, tmp_path / "r.json", tmp_path / "README.md", "Tiny")
+    jobs = plan_benchmark(protocol, ["supervised"], [2], [5], [], protocol.results_json)
+    assert [j.done for j in jobs] == [False]
+    new = run_benchmark(jobs, protocol.results_json, protocol.results_markdown, protocol.title)
+    stored = json.loads(protocol.results_json.read_text())
+    assert sorted(stored, key=lambda r: r["checkpoint"]) == sorted(new, key=lambda r: r["checkpoint"])
+    assert {r["checkpoint"] for r in stored} == {"last", "best"}
+    # each record carries the one `dust train` command that reproduces it
+    assert {r["command"] for r in stored} == {
+        f"dust train --config {configs / 'supervised.yaml'} --set labeled_patients=2 --set seed=5 "
+        f"--record {protocol.results_json}"}
+    assert "| supervised | 2 | 6, val, bf16, bilinear | 5 | 1 |" in protocol.results_markdown.read_text()
+    assert (tmp_path / "runs" / "supervised_2p_seed5" / "report.html").is_file()
+    again = plan_benchmark(protocol, ["supervised"], [2], [5], stored, protocol.results_json)
+    assert [j.done for j in again] == [True]
+    assert run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title) == []

@@ -1,0 +1,300 @@
+"""Long runs a user can trust: a kill -9 loses no work, broken data is refused before training, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dust.cli.main import main
+from dust.data.check import check_data
+from dust.data.ssl4mis import DataError
+from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint, load_latest
+from dust.engine.trainer import NonFiniteLossError, Trainer
+from dust.engine.workflows import train
+
+
+# ---------------------------------------------------------------------------------------------- check-data
+def _h5(path: Path, **arrays: np.ndarray) -> None:
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            f[key] = value
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in f}
+
+
+# Each breaks a copy of the tiny phantom (labelled patients: patient001-002; val: patient005) and returns the
+# config overrides it needs and the text its one problem line must hold (the file name is checked separately).
+def _missing_slice(root: Path) -> tuple[dict, str, str]:
+    (root / "data" / "patient002_frame01_slice_1.h5").unlink()
+    return {}, "patient002_frame01_slice_1.h5", "file not found (listed in train_slices.list)"
+
+
+def _corrupt_h5(root: Path) -> tuple[dict, str, str]:
+    path = root / "data" / "patient003_frame02_slice_0.h5"  # unlabelled pool: its image is still read
+    path.write_bytes(path.read_bytes()[:200])
+    return {}, path.name, "cannot read h5 file"
+
+
+def _shape_mismatch(root: Path) -> tuple[dict, str, str]:
+    path = root / "data" / "patient001_frame01_slice_2.h5"
+    arrays = _read(path)
+    _h5(path, image=arrays["image"], label=arrays["label"][:-3])
+    return {}, path.name, "does not match label shape"
+
+
+def _label_outside_classes(root: Path) -> tuple[dict, str, str]:
+    path = root / "data" / "patient005_frame01.h5"
+    arrays = _read(path)
+    arrays["label"][0, 0, 0] = 7
+    _h5(path, **arrays)
+    return {}, path.name, "label values [0, 1, 2, 3, 7] outside the configured classes 0..3"
+
+
+def _nan_intensity(root: Path) -> tuple[dict, str, str]:
+    path = root / "data" / "patient004_frame01_slice_0.h5"
+    arrays = _read(path)
+    arrays["image"][3, 4] = np.nan
+    arrays["image"][5, 6] = np.inf
+    _h5(path, **arrays)
+    return {}, path.name, "image contains 2 NaN or Inf value(s)"
+
+
+def _no_label_in_labelled_slice(root: Path) -> tuple[dict, str, str]:
+    path = root / "data" / "patient001_frame02_slice_0.h5"
+    _h5(path, image=_read(path)["image"])
+    return {}, path.name, "no 'label' dataset but the case is labelled"
+
+
+def _empty_labelled_set(root: Path) -> tuple[dict, str, str]:
+    return {"labeled_patients": 0}, "train_slices.list", "the labelled set is empty"
+
+
+def _too_many_labelled(root: Path) -> tuple[dict, str, str]:
+    return {"labeled_patients": 9}, "train_slices.list", "9 labelled patients requested but the list has only 4"
+
+
+def _patient_in_two_splits(root: Path) -> tuple[dict, str, str]:
+    shutil.copy(root / "data" / "patient005_frame01.h5", root / "data" / "patient003_frame01.h5")
+    with (root / "val.list").open("a") as f:
+        f.write("patient003_frame01\n")
+    return {}, "val.list", "patient patient003 is also in train_slices.list"
+
+
+def _missing_list(root: Path) -> tuple[dict, str, str]:
+    (root / "val.list").unlink()
+    return {}, "val.list", "list file not found"
+
+
+PROBLEMS: list[Callable[[Path], tuple[dict, str, str]]] = [
+    _missing_slice, _corrupt_h5, _shape_mismatch, _label_outside_classes, _nan_intensity,
+    _no_label_in_labelled_slice, _empty_labelled_set, _too_many_labelled, _patient_in_two_splits, _missing_list,
+]
+
+
+@pytest.fixture
+def phantom_copy(phantom_root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(phantom_root, tmp_path / "phantom"))
+
+
+def test_the_intact_phantom_has_no_problems(tiny_cfg):
+    assert check_data(tiny_cfg()) == []
+
+
+@pytest.mark.parametrize("breaks", PROBLEMS, ids=lambda f: f.__name__.strip("_"))
+def test_each_problem_is_one_line_naming_the_file(breaks, phantom_copy: Path, tiny_cfg):
+    overrides, file_name, text = breaks(phantom_copy)
+    problems = check_data(tiny_cfg(data_dir=str(phantom_copy), **overrides))
+    assert len(problems) == 1, problems
+    assert file_name in problems[0] and text in problems[0] and "\n" not in problems[0]
+
+
+def test_every_problem_is_reported_and_training_never_starts(phantom_copy: Path, tiny_cfg, tmp_path: Path, capsys):
+    expected = [breaks(phantom_copy) for breaks in (_missing_slice, _corrupt_h5, _patient_in_two_splits,
+                                                    _label_outside_classes, _nan_intensity)]
+    cfg = tiny_cfg(data_dir=str(phantom_copy))
+    config = tmp_path / "broken.yaml"
+    config.write_text(yaml.safe_dump({k: cfg[k] for k in ("data_dir", "labeled_patients", "run_dir")}))
+
+    assert main(["check-data", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == len(expected) + 1 and "5 problem(s)" in lines[-1]
+    for _, file_name, text in expected:
+        assert any(file_name in line and text in line for line in lines), (file_name, lines)
+
+    with pytest.raises(DataError, match="5 problem"):
+        train(cfg)
+    assert not Path(cfg["run_dir"]).exists()  # refused before the run directory was made
+
+
+def test_check_data_passes_on_a_usable_dataset(phantom_root: Path, tmp_path: Path, capsys):
+    config = tmp_path / "ok.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(phantom_root), "labeled_patients": 2}))
+    assert main(["check-data", "--config", str(config)]) == 0
+    assert "usable" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+# A method that is plain supervised training, except that when $KILL_DURING_CHECKPOINT names an iteration its
+# checkpoint state holds an object that SIGKILLs the process while torch.save serialises it: a kill that lands
+# inside a checkpoint write, after the temp file exists and before the rename.
+KILLABLE = '''
+import os
+import signal
+
+from dust.methods.supervised import Supervised
+
+
+class _KillWhileSaved:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillableSupervised(Supervised):
+    def extra_state(self):
+        if os.environ.get("KILL_DURING_CHECKPOINT") == str(self.trainer.iteration):
+            return {"poison": _KillWhileSaved()}
+        return {}
+'''
+
+
+def _tiny_config(tmp_path: Path, phantom_root: Path, run_dir: Path, **overrides) -> Path:
+    cfg = {
+        "method": "killable_method:KillableSupervised", "data_dir": str(phantom_root.resolve()),
+        "labeled_patients": 2, "patch_size": [32, 32], "channels": [4, 8, 16, 32, 64], "batch_size": 4,
+        "iterations": 24, "val_every": 4, "keep_checkpoints": 2, "threads": 1, "tensorboard": False,
+        "progress": False, "run_dir": str(run_dir), **overrides,
+    }
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _dust(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen:
+    """``python -m dust ARGS`` in a child process that can import the test's method module; output to a file."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), **env}
+    with (tmp_path / "child.log").open("a") as out:
+        return subprocess.Popen([sys.executable, "-m", "dust", *args], env=env, stdout=out, stderr=out)
+
+
+def _networks(path: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)
+    return {f"{net}.{k}": v for net, sd in state["networks"].items() for k, v in sd.items()}
+
+
+def test_sigkill_at_any_point_then_resume_equals_the_uninterrupted_run(tmp_path: Path, phantom_root: Path,
+                                                                        monkeypatch):
+    (tmp_path / "killable_method.py").write_text(textwrap.dedent(KILLABLE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "killed"
+    ckpt = run / "checkpoints"
+    config = _tiny_config(tmp_path, phantom_root, run)
+
+    # 1. SIGKILL from outside as soon as the first checkpoint is on disk
+    proc = _dust(["train", "--config", str(config)], tmp_path)
+    deadline = time.monotonic() + 300
+    while not list(ckpt.glob("iter_*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = iteration_checkpoints(ckpt)[0]
+    killed_at = load_checkpoint(newest)["iteration"]
+    assert proc.returncode == -signal.SIGKILL and killed_at < 20, (tmp_path / "child.log").read_text()
+
+    # 2. resume; this time the process dies inside the write of iteration 20's checkpoint
+    proc = _dust(["train", "--resume", str(run)], tmp_path, KILL_DURING_CHECKPOINT="20")
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "child.log").read_text()
+    assert list(ckpt.glob(".iter_0000020.pt.*.tmp")), "the kill should have landed inside the write"
+    assert [p.name for p in iteration_checkpoints(ckpt)] == ["iter_0000016.pt", "iter_0000012.pt"]
+    assert load_latest(ckpt)[0]["iteration"] == 16  # the last good checkpoint is whole
+
+    # 3. resume again to the end
+    proc = _dust(["train", "--resume", str(run)], tmp_path)
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, (tmp_path / "child.log").read_text()
+    assert not list(ckpt.glob(".*.tmp"))  # leftovers of the cut write are cleaned up
+
+    # the same config trained without interruption (in this process: same build, same single thread)
+    reference = _tiny_config(tmp_path, phantom_root, tmp_path / "reference")
+    assert main(["train", "--config", str(reference)]) == 0
+    ref_ckpt = tmp_path / "reference" / "checkpoints"
+    for name in ("iter_0000024.pt", "best.pt"):
+        got, want = _networks(ckpt / name), _networks(ref_ckpt / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    assert load_checkpoint(ckpt / "iter_0000024.pt")["history"] == load_checkpoint(
+        ref_ckpt / "iter_0000024.pt")["history"]
+    sys.modules.pop("killable_method", None)
+
+
+def test_dust_resumed_before_its_stage_boundaries_matches_the_uninterrupted_run(tiny_cfg, tmp_path: Path):
+    # 20 iterations: pretrain 0-8 (snapshots after 3, 5, 8), stage1 8-14, stage2 14-20; checkpoints every 6
+    kw = dict(method="dust", val_every=6, keep_checkpoints=10)
+    full = Trainer(tiny_cfg(run_dir=str(tmp_path / "full"), **kw))
+    full.fit()
+    # what a kill at iteration 7 leaves: checkpoint 6 and the snapshots k=1, 2; nothing of the later stages
+    cut = tmp_path / "cut" / "checkpoints"
+    cut.mkdir(parents=True)
+    for name in ("iter_0000006.pt", "pretrain_k1.pt", "pretrain_k2.pt"):
+        shutil.copy(full.ckpt_dir / name, cut / name)
+    state = load_checkpoint(cut / "iter_0000006.pt")
+    assert state["started_stage"] == 0 and state["method_state"]["uses_unlabeled"] is False
+
+    resumed = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))
+    assert resumed.resume() and resumed.iteration == 6 and resumed.current_span().stage.name == "pretrain"
+    resumed.fit()  # crosses pretrain -> stage1 -> stage2
+    assert resumed.history == full.history
+    assert torch.equal(resumed.method.order, full.method.order)
+    for a, b in zip(resumed.method.networks["model"].state_dict().values(),
+                    full.method.networks["model"].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(full.data.unlabeled.pseudo_labels,
+                                                  resumed.data.unlabeled.pseudo_labels, strict=True))
+    assert (resumed.run_dir / "sample_uncertainty.csv").read_text() == (
+        full.run_dir / "sample_uncertainty.csv").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- NaN guard
+NAN_AT_15 = '''
+from dust.methods.supervised import Supervised
+
+
+class AuxTermTurnsNaN(Supervised):
+    def train_step(self, batch, iteration):
+        losses = super().train_step(batch, iteration)
+        losses["aux"] = 0.1 * losses["sup"] * (float("nan") if iteration == 15 else 1.0)
+        return losses
+'''
+
+
+def test_a_nan_stops_the_run_naming_iteration_and_term_and_keeps_the_last_checkpoint(tiny_cfg, tmp_path: Path,
+                                                                                       monkeypatch):
+    (tmp_path / "nan_at_15.py").write_text(textwrap.dedent(NAN_AT_15))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_cfg(method="nan_at_15:AuxTermTurnsNaN", iterations=30, val_every=10)
+    trainer = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 15: loss term\(s\) \['aux'\] are not finite"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.method.parameters())  # the bad step never ran
+    assert [p.name for p in iteration_checkpoints(trainer.ckpt_dir)] == ["iter_0000010.pt"]
+    state, _ = load_latest(trainer.ckpt_dir)
+    assert state["iteration"] == 10
+    assert all(torch.isfinite(v).all() for v in state["networks"]["model"].values() if v.is_floating_point())
+    again = Trainer(cfg)  # and a resumed run starts from it
+    assert again.resume() and again.iteration == 10
+    sys.modules.pop("nan_at_15", None)
