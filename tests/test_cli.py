@@ -53,13 +53,15 @@ def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
 
 
 def test_demo_prints_per_class_dice_and_chance(tmp_path: Path, capsys):
-    tiny = ["iterations=4", "val_every=4", "patch_size=[32,32]", "channels=[4,8,16,32,64]", "threads=1",
+    tiny = ["iterations=15", "val_every=5", "patch_size=[32,32]", "channels=[4,8,16,32,64]", "threads=1",
             "tensorboard=false", "progress=false", f"data_dir={tmp_path / 'phantom'}"]
     assert main(["demo", "--out", str(tmp_path / "demo"), *[a for kv in tiny for a in ("--set", kv)]]) == 0
     out = capsys.readouterr().out
     for name in ("RV", "Myo", "LV", "mean", "chance"):
         assert name in out
     assert (tmp_path / "phantom" / "train_slices.list").is_file()  # generated on first use
+    assert "dust on the synthetic cardiac phantom" in out  # the default demo runs the headline method
+    assert (tmp_path / "demo" / "sample_uncertainty.csv").is_file()
 
 
 def test_set_reads_numbers_yaml_1_1_leaves_as_strings_and_refuses_words():

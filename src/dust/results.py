@@ -119,6 +119,7 @@ def results_markdown(records: list[dict], title: str) -> str:
         "Each row averages the runs that differ only in their seed: mean ± std over seeds (population std, ddof=0;",
         "one seed shows its value alone). A row with another setting (precision, resize, iterations...) is a variant",
         "of the protocol and is never averaged with it.",
+        "What the numbers say, what was checked and what is still open: [analysis.md](analysis.md) (hand-written).",
     ]
     for checkpoint, heading in (("last", "Last checkpoint (headline: the final weights)"),
                                 ("best", "Best checkpoint (selected on the same validation set, so optimistic)")):

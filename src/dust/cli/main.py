@@ -88,6 +88,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {name:>4}: {vals['dice']:6.2f}   (chance {chance['per_class'][name]['dice']['mean'] * 100:5.2f})")
     print(f"  mean: {last['dice']:6.2f}   (chance {chance['overall']['dice']['mean'] * 100:5.2f}); "
           f"HD95 {last['hd95_vox']:.2f} vox, ASD {last['asd_vox']:.2f} vox")
+    out = Path(args.out)
+    for name, what in (("report.html", "the experiment report (open it in a browser)"),
+                       ("sample_uncertainty.csv", "every unlabelled slice ranked by sample uncertainty (Eq. 1)"),
+                       ("figures", "pseudo-labels and pixel uncertainty per stage")):
+        if (out / name).exists():
+            print(f"  {out / name}: {what}")
     return 0
 
 
@@ -129,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pred/--ref: names of labels 0..K-1, background first (default: the labels found)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="generate the phantom, train, evaluate, print per-class Dice")
-    p.add_argument("--config", default=str(REPO_CONFIGS / "phantom" / "supervised.yaml"))
+    p = sub.add_parser("demo", help="generate the phantom, train DUST, evaluate, print per-class Dice")
+    p.add_argument("--config", default=str(REPO_CONFIGS / "phantom" / "dust.yaml"),
+                   help="default: DUST on the phantom; configs/phantom/supervised.yaml for the supervised baseline")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
