@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dust.models.unet2d import Decoder, Encoder
+from dust.models.unet2d import UNet2D
 
 
 def feature_dropout(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def feature_noise(x: torch.Tensor, strength: float = 0.3) -> torch.Tensor:
 AUX_PERTURBATIONS = (lambda x: F.dropout(x, 0.5, training=True), feature_dropout, feature_noise)
 
 
-class DeepSupervisionUNet2D(nn.Module):
+class DeepSupervisionUNet2D(UNet2D):
     """``forward`` returns (main, aux 1/2, aux 1/4, aux 1/8) logits, all (B, num_classes, H, W)."""
 
     def __init__(
@@ -48,11 +48,9 @@ class DeepSupervisionUNet2D(nn.Module):
         dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
         upsample: str = "deconv",
     ) -> None:
-        super().__init__()
         if len(channels) != len(AUX_PERTURBATIONS) + 2:
             raise ValueError(f"the deep-supervision U-Net has 5 levels (3 auxiliary heads); got channels {channels}")
-        self.encoder = Encoder(in_channels, channels, dropout)
-        self.decoder = Decoder(channels, num_classes, upsample)
+        super().__init__(in_channels, num_classes, channels, dropout, upsample)
         # after decoder block j the features have channels[-2 - j] channels
         self.aux_heads = nn.ModuleList(
             nn.Conv2d(channels[-2 - j], num_classes, kernel_size=3, padding=1) for j in range(len(AUX_PERTURBATIONS))
@@ -69,5 +67,5 @@ class DeepSupervisionUNet2D(nn.Module):
         return (self.decoder.head(h), *reversed(aux))
 
     def forward_main(self, x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution head only (inference)."""
-        return self.decoder(self.encoder(x))
+        """The full-resolution head only (inference): the plain U-Net's forward."""
+        return super().forward(x)
