@@ -39,7 +39,7 @@ def test_train_then_evaluate(tmp_path: Path, phantom_root: Path, capsys):
     merged = tmp_path / "merged.json"
     assert main(["results", "--json", str(merged), "--markdown", str(md), "--add", str(run)]) == 0
     assert json.loads(merged.read_text()) == records
-    assert "| supervised | 2 | 10, val, bf16, bilinear | 3 | 1 |" in md.read_text()
+    assert "| supervised | 2 | 10, val, bf16, bilinear, bilinear | 3 | 1 |" in md.read_text()
 
 
 def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
@@ -50,6 +50,28 @@ def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
     assert "99 labelled patients requested" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(config)]) == 2
     assert "not a readable dust checkpoint" in capsys.readouterr().err
+
+
+NAN_AT_7 = """
+from dust.methods.supervised import Supervised
+
+
+class TurnsNaN(Supervised):
+    def train_step(self, batch, iteration):
+        losses = super().train_step(batch, iteration)
+        return {"sup": losses["sup"] * (float("nan") if iteration == 7 else 1.0)}
+"""
+
+
+def test_a_nan_is_reported_as_one_line_naming_iteration_and_term(tmp_path: Path, phantom_root: Path, capsys,
+                                                                  monkeypatch):
+    (tmp_path / "turns_nan.py").write_text(NAN_AT_7)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = _write_config(tmp_path, phantom_root)
+    assert main(["train", "--config", str(config), "--set", "method=turns_nan:TurnsNaN"]) == 2
+    err = capsys.readouterr().err
+    assert "iteration 7: loss term(s) ['sup'] are not finite" in err
+    assert "Traceback" not in err
 
 
 def test_demo_prints_per_class_dice_and_chance(tmp_path: Path, capsys):

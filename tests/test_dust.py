@@ -14,6 +14,7 @@ import torch
 
 from dust.config import ConfigError
 from dust.data.ssl4mis import read_list, split_by_patients
+from dust.data.transforms import resize_image
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.trainer import Trainer
 from dust.losses import uncertainty_rectified_loss
@@ -203,3 +204,23 @@ def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: 
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert all(torch.equal(a, b) for a, b in zip(full.data.unlabeled.pseudo_labels,
                                                   resumed.data.unlabeled.pseudo_labels, strict=True))
+
+
+def test_output_decoder_mean_averages_both_decoders_everywhere_the_output_is_used(tiny_cfg):
+    with pytest.raises(ConfigError, match="output_decoder 'both'"):
+        get_method("dust")(tiny_cfg(method="dust", output_decoder="both")).build()
+    trainer = Trainer(tiny_cfg(method="dust", iterations=10, val_every=5, output_decoder="mean"))
+    trainer.fit()
+    method, net = trainer.method, trainer.method.networks["model"].eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        main, aux = net(x)
+        probs = torch.softmax(method.predict(x), 1)
+    torch.testing.assert_close(probs, (torch.softmax(main, 1) + torch.softmax(aux, 1)) / 2)
+    # pseudo-labels are the averaged output's argmax too (labelled here by the final network)
+    pool, size = trainer.data.unlabeled, tuple(trainer.cfg["patch_size"])
+    method._pseudo_label(torch.arange(len(pool)), "check", trainer)
+    img = pool.images[0]
+    with torch.inference_mode(), trainer.autocast():
+        expected = method.predict(resize_image(img[None], size).to(memory_format=torch.channels_last)).argmax(1)[0]
+    assert torch.equal(pool.pseudo_labels[0], method.label_at_slice_size(expected, img))

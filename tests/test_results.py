@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dust.cli.main import main
+from dust.config import load_config
 from dust.engine.benchmark import Protocol, plan_benchmark, run_benchmark
-from dust.results import group_over_seeds, results_markdown
+from dust.engine.workflows import full_config
+from dust.results import (
+    README_END,
+    README_START,
+    group_over_seeds,
+    identity_of,
+    replace_readme_table,
+    results_markdown,
+    update_results,
+)
+
+
+def _add_records(path: str, seeds: list[int], start) -> None:
+    start.wait()
+    for seed in seeds:
+        update_results(Path(path), [_record(seed, 60.0)])
 
 DEFAULT = {"method": "supervised", "labeled_patients": 7, "iterations": 4000, "split": "val", "precision": "bf16",
-           "resize": "bilinear"}
+           "resize": "bilinear", "decoder": "bilinear", "options": ""}
 
 
 def _record(seed: int, dice: float, checkpoint: str = "last", **identity) -> dict:
@@ -37,8 +56,9 @@ def test_seeds_are_averaged_but_variants_are_not():
     md = results_markdown(records, "T")
     last = _rows(md, "Last checkpoint")
     # population std over the two seeds: mean 65, std 5
-    assert last[0].startswith("| supervised | 7 | 4000, val, bf16, bilinear | 1, 2 | 2 | 65.00 ± 5.00 | 55.00 ± 5.00 |")
-    assert last[1].startswith("| supervised | 7 | 4000, val, fp32, bilinear | 1 | 1 | 50.00 | 40.00 |")
+    assert last[0].startswith(
+        "| supervised | 7 | 4000, val, bf16, bilinear, bilinear | 1, 2 | 2 | 65.00 ± 5.00 | 55.00 ± 5.00 |")
+    assert last[1].startswith("| supervised | 7 | 4000, val, fp32, bilinear, bilinear | 1 | 1 | 50.00 | 40.00 |")
     assert len(last) == 2
     best = _rows(md, "Best checkpoint")
     assert len(best) == 1 and "| 85.00 ± 5.00 |" in best[0]
@@ -46,6 +66,38 @@ def test_seeds_are_averaged_but_variants_are_not():
     assert "| last | 2 | 55.00 ± 5.00 | 65.00 ± 5.00 | 75.00 ± 5.00 |" in per_class[0]
     commands = md.split("## Commands", 1)[1]
     assert all(r["command"] in commands for r in records)
+
+
+def test_a_changed_method_option_is_its_own_record_and_row(tmp_path: Path):
+    cfg = full_config(load_config(Path(__file__).parents[1] / "configs" / "acdc" / "dust.yaml"))
+    assert identity_of(cfg, "last")["options"] == ""
+    variant = identity_of({**cfg, "restart_lr_per_stage": False}, "last")
+    assert variant["options"] == "restart_lr_per_stage=False"
+    default_run = {**_record(1, 40.0), **identity_of(cfg, "last")}
+    variant_run = {**_record(1, 70.0), **variant}
+    path = tmp_path / "r.json"
+    update_results(path, [default_run])
+    stored = update_results(path, [variant_run])  # an ablation must not replace the default method's record
+    assert sorted(r["dice"] for r in stored) == [40.0, 70.0]
+    rows = _rows(results_markdown(stored, "T"), "Last checkpoint")
+    assert len(rows) == 2 and any("restart_lr_per_stage=False | 1337 | 1 | 70.00" in r for r in rows)
+
+
+def test_readme_table_is_rewritten_between_its_markers(tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n{README_START}\nold table\n{README_END}\nafter\n")
+    records = [_record(1, 60.0), _record(2, 70.0), _record(1, 80.0, checkpoint="best"),
+               _record(2, 90.0, checkpoint="best")]
+    replace_readme_table(readme, records)
+    text = readme.read_text()
+    assert text.startswith("# intro\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
+    row = [line for line in text.splitlines() if line.startswith("| supervised")]
+    # last-checkpoint Dice over seeds, the best checkpoint's Dice, and both seeds' commands
+    assert len(row) == 1 and "| 1, 2 | 65.00 ± 5.00 | 85.00 ± 5.00 |" in row[0]
+    assert all(r["command"] in row[0] for r in records if r["checkpoint"] == "last")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        replace_readme_table(readme, records)
 
 
 def test_rows_put_the_supervised_baseline_first_within_a_label_budget():
@@ -98,8 +150,25 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     assert {r["command"] for r in stored} == {
         f"dust train --config {configs / 'supervised.yaml'} --set labeled_patients=2 --set seed=5 "
         f"--record {protocol.results_json}"}
-    assert "| supervised | 2 | 6, val, bf16, bilinear | 5 | 1 |" in protocol.results_markdown.read_text()
+    assert "| supervised | 2 | 6, val, bf16, bilinear, bilinear | 5 | 1 |" in protocol.results_markdown.read_text()
     assert (tmp_path / "runs" / "supervised_2p_seed5" / "report.html").is_file()
     again = plan_benchmark(protocol, ["supervised"], [2], [5], stored, protocol.results_json)
     assert [j.done for j in again] == [True]
     assert run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title) == []
+
+
+def test_runs_recording_at_the_same_time_lose_no_record(tmp_path: Path):
+    # seeds run side by side finish together: every process reads, merges and rewrites the same JSON
+    path = tmp_path / "results.json"
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()  # all writers go at once (without the lock, about a third of the records get lost)
+    procs = [ctx.Process(target=_add_records, args=(str(path), list(range(w * 40, w * 40 + 40)), start))
+             for w in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(5)  # let every process finish importing
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert sorted(r["seed"] for r in json.loads(path.read_text())) == list(range(160))

@@ -19,7 +19,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     # what to train
     "method": "supervised",
     "model": "unet2d",  # unet2d | dual_unet2d
-    "upsample": "deconv",  # decoder of unet2d: deconv (transposed conv) | bilinear (interpolation + conv)
+    "upsample": "bilinear",  # decoder of unet2d: bilinear (interpolation + conv, SSL4MIS) | deconv (transposed conv)
     "channels": [16, 32, 64, 128, 256],
     "dropout": [0.05, 0.1, 0.2, 0.3, 0.5],
     # data

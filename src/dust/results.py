@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dust.engine.checkpoint import atomic_write_text
+from dust.methods import get_method
+
 # Pipeline choices that change the numbers are part of a record's identity (and of its table row).
-IDENTITY = ("method", "labeled_patients", "seed", "iterations", "split", "checkpoint", "precision", "resize")
+IDENTITY = (
+    "method", "labeled_patients", "seed", "iterations", "split", "checkpoint", "precision", "resize", "decoder",
+    "options",
+)
 _METRICS = (("dice", 100.0), ("jaccard", 100.0), ("hd95_vox", 1.0), ("asd_vox", 1.0))
 
 
@@ -29,7 +37,25 @@ def identity_of(cfg: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         "checkpoint": checkpoint,
         "precision": "bf16" if cfg["bf16"] else "fp32",
         "resize": cfg["image_interpolation"],
+        "decoder": decoder_of(cfg),
+        "options": options_of(cfg),
     }
+
+
+def decoder_of(cfg: dict[str, Any]) -> str:
+    """The decoder upsampling of the network the run's method builds: ``deconv``, ``bilinear`` or both."""
+    method_model = getattr(get_method(str(cfg["method"])), "model_name", None)  # methods that fix their network
+    return "deconv+bilinear" if (method_model or cfg["model"]) == "dual_unet2d" else str(cfg["upsample"])
+
+
+def options_of(cfg: dict[str, Any]) -> str:
+    """The method's own options (its ``defaults``) that the run changed, e.g. ``restart_lr_per_stage=False``.
+
+    Empty for a run at the method's defaults. Part of the identity, so an ablation never replaces (or is averaged
+    with) the default method's record.
+    """
+    defaults = get_method(str(cfg["method"])).defaults
+    return " ".join(f"{k}={cfg[k]}" for k in sorted(defaults) if k in cfg and cfg[k] != defaults[k])
 
 
 def record_key(record: dict) -> tuple:
@@ -52,15 +78,35 @@ def make_record(cfg: dict[str, Any], summary: dict, checkpoint: str, train_secon
 
 
 def update_results(path: Path, records: list[dict]) -> list[dict]:
-    """Add records to a results JSON, replacing earlier records with the same identity."""
-    existing = json.loads(path.read_text()) if path.is_file() else []
-    keys = {record_key(r) for r in records}
-    kept = [r for r in existing if record_key(r) not in keys]
-    merged = kept + records
-    merged.sort(key=lambda r: tuple(str(r.get(k)) for k in IDENTITY))
+    """Add records to a results JSON, replacing earlier records with the same identity.
+
+    Runs finishing at the same moment (several seeds side by side) take turns through a lock file, and the
+    JSON is replaced atomically, so no record is lost and a reader never sees half a file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    with _locked(path.with_name(path.name + ".lock")):
+        existing = json.loads(path.read_text()) if path.is_file() else []
+        keys = {record_key(r) for r in records}
+        kept = [r for r in existing if record_key(r) not in keys]
+        merged = kept + records
+        merged.sort(key=lambda r: tuple(str(r.get(k)) for k in IDENTITY))
+        atomic_write_text(json.dumps(merged, indent=1) + "\n", path)
     return merged
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; the atomic replace still prevents torn files
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # Identity keys that are not a table column of their own: together they name the protocol variant of a row.
@@ -101,7 +147,7 @@ def _row_order(rs: list[dict]) -> tuple:
 
 
 def _setting(r: dict) -> str:
-    return ", ".join(str(r.get(k)) for k in _SETTING)
+    return ", ".join(str(r.get(k)) for k in _SETTING if r.get(k) not in (None, ""))
 
 
 def results_markdown(records: list[dict], title: str) -> str:
@@ -109,7 +155,8 @@ def results_markdown(records: list[dict], title: str) -> str:
     per-class Dice, and every command."""
     groups = sorted(group_over_seeds(records).values(), key=_row_order)
     class_names = list(dict.fromkeys(c for r in records for c in r["per_class"]))
-    setting_title = f"setting ({', '.join(_SETTING)})"
+    plain = ", ".join(k for k in _SETTING if k != "options")
+    setting_title = f"setting ({plain}; method options changed from their defaults)"
     lines = [
         f"# {title}",
         "",
@@ -117,8 +164,8 @@ def results_markdown(records: list[dict], title: str) -> str:
         f"Dice and Jaccard in %, HD95 and ASD in voxels; means over validation volumes and classes "
         f"({', '.join(class_names)}).",
         "Each row averages the runs that differ only in their seed: mean ± std over seeds (population std, ddof=0;",
-        "one seed shows its value alone). A row with another setting (precision, resize, iterations...) is a variant",
-        "of the protocol and is never averaged with it.",
+        "one seed shows its value alone). A row with another setting (precision, resize, decoder, a method option",
+        "...) is a variant of the protocol and is never averaged with it.",
         "What the numbers say, what was checked and what is still open: [analysis.md](analysis.md) (hand-written).",
     ]
     for checkpoint, heading in (("last", "Last checkpoint (headline: the final weights)"),
@@ -162,3 +209,45 @@ def results_markdown(records: list[dict], title: str) -> str:
             lines.append(f"- {r['method']}, {r['labeled_patients']} patients, seed {r['seed']} [{_setting(r)}] "
                          f"({r['train_seconds']:.0f} s training): `{r['command']}`")
     return "\n".join(lines) + "\n"
+
+
+README_START, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+
+
+def readme_table(records: list[dict]) -> str:
+    """The short table for the project README: one row per method and setting (seeds averaged), the last
+    checkpoint's Dice / HD95 / ASD, the best checkpoint's Dice, and the command of every seed in the row."""
+    groups = group_over_seeds(records)
+    best = {_without_checkpoint(rs[0]): rs for rs in groups.values() if rs[0]["checkpoint"] == "best"}
+    setting = ", ".join(_SETTING)
+    lines = [
+        f"| method | labelled patients | setting ({setting}) | seeds | Dice last | Dice best | HD95 last | ASD last "
+        "| commands |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rs in sorted(groups.values(), key=_row_order):
+        if rs[0]["checkpoint"] != "last":
+            continue
+        best_rs = best.get(_without_checkpoint(rs[0]), [])
+        commands = "<br>".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rs))
+        lines.append(
+            f"| {rs[0]['method']} | {rs[0]['labeled_patients']} | {_setting(rs[0])} | "
+            f"{', '.join(str(r['seed']) for r in rs)} | {_fmt([r['dice'] for r in rs])} | "
+            f"{_fmt([r['dice'] for r in best_rs]) if best_rs else '-'} | {_fmt([r['hd95_vox'] for r in rs])} | "
+            f"{_fmt([r['asd_vox'] for r in rs])} | {commands} |"
+        )
+    return "\n".join(lines)
+
+
+def _without_checkpoint(r: dict) -> tuple:
+    return tuple(r.get(k) for k in IDENTITY if k not in ("seed", "checkpoint"))
+
+
+def replace_readme_table(readme: Path, records: list[dict]) -> None:
+    """Rewrite the part of ``readme`` between the results-table markers with :func:`readme_table`."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme}: no '{README_START}' ... '{README_END}' markers to put the results table between")
+    text = text[: start + len(README_START)] + "\n" + readme_table(records) + "\n" + text[end:]
+    atomic_write_text(text, readme)

@@ -13,9 +13,12 @@ from dust.cli import benchmark, check_data, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.ssl4mis import DataError
 from dust.engine.checkpoint import CheckpointError
+from dust.engine.errors import NonFiniteLossError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ConfigError, DataError, CheckpointError, NonFiniteLossError, FileExistsError, FileNotFoundError, ValueError
+)
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -98,16 +101,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from dust.results import results_markdown, update_results
+    from dust.results import identity_of, replace_readme_table, results_markdown, update_results
 
     for run_dir in args.add:
         run_records = Path(run_dir) / "results.json"
         if not run_records.is_file():
             raise FileNotFoundError(f"{run_records}: no results.json; has this run finished?")
-        update_results(Path(args.json), json.loads(run_records.read_text()))
+        records = json.loads(run_records.read_text())
+        cfg = load_config(Path(run_dir) / "config.yaml")
+        for record in records:  # a run recorded by an older dust lacks newer identity keys: take them from its config
+            for key, value in identity_of(cfg, record["checkpoint"]).items():
+                record.setdefault(key, value)
+        update_results(Path(args.json), records)
     records = json.loads(Path(args.json).read_text())
     Path(args.markdown).write_text(results_markdown(records, args.title))
     print(f"wrote {args.markdown} from {len(records)} records")
+    if args.readme:
+        replace_readme_table(Path(args.readme), records)
+        print(f"updated the results table in {args.readme}")
     return 0
 
 
@@ -148,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="ACDC, CPU budget protocol (validation split)")
     p.add_argument("--add", nargs="*", default=[], metavar="RUN_DIR",
                    help="first merge these finished runs' results.json (each keeps the command that produced it)")
+    p.add_argument("--readme", metavar="FILE",
+                   help="also rewrite the short table between the results-table markers in FILE (e.g. README.md)")
     p.set_defaults(func=cmd_results)
 
     check_data.add_parser(sub)

@@ -132,7 +132,7 @@ def split_by_patients(names: list[str], labeled_patients: int, list_path: Path) 
     return labeled, unlabeled
 
 
-def _load_slices(root: Path, names: list[str], with_labels: bool, num_classes: int) -> SliceSet:
+def load_slices(root: Path, names: list[str], with_labels: bool, num_classes: int) -> SliceSet:
     images, labels = [], []
     for name in names:
         path = root / "data" / f"{name}.h5"
@@ -154,8 +154,8 @@ def load_training_slices(root: Path, labeled_patients: int, num_classes: int) ->
     names = read_list(list_path)
     labeled, unlabeled = split_by_patients(names, labeled_patients, list_path)
     return (
-        _load_slices(root, labeled, True, num_classes),
-        _load_slices(root, unlabeled, False, num_classes),
+        load_slices(root, labeled, True, num_classes),
+        load_slices(root, unlabeled, False, num_classes),
     )
 
 

@@ -34,13 +34,10 @@ from dust.engine.checkpoint import (
     load_latest,
     save_iteration_checkpoint,
 )
+from dust.engine.errors import NonFiniteLossError
 from dust.methods import Method, Stage, get_method
 
 log = logging.getLogger("dust")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/Inf; raised before the bad step touches the weights or checkpoints."""
 
 
 @dataclass

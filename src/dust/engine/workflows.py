@@ -15,7 +15,7 @@ from dust.data import load_training_data
 from dust.data.check import check_data, raise_if_problems
 from dust.data.ssl4mis import load_volumes
 from dust.engine import distributed
-from dust.engine.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from dust.engine.checkpoint import CheckpointError, atomic_write_text, check_compatible, load_checkpoint
 from dust.engine.evaluation import evaluate_volumes, write_evaluation
 from dust.engine.trainer import Trainer, build_method, pick_device
 from dust.methods import get_method
@@ -74,7 +74,7 @@ def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list
         log.info("%s checkpoint: %s Dice %.2f | per class %s", tag, cfg["val_split"], records[-1]["dice"],
                  {c: v["dice"] for c, v in records[-1]["per_class"].items()})
     if trainer.is_main:
-        (trainer.run_dir / "results.json").write_text(json.dumps(records, indent=1))
+        atomic_write_text(json.dumps(records, indent=1), trainer.run_dir / "results.json")
         write_run_report(trainer.run_dir)
     return records
 

@@ -79,7 +79,8 @@ class StagedSelfTraining(Method):
         # Snapshots are files (network state only): stage 1 reads them back, also when the run was resumed.
         if iteration + 1 in self.snapshot_at:
             k = self.snapshot_at.index(iteration + 1) + 1
-            atomic_save(self.networks["model"].state_dict(), self._snapshot_path(k))
+            if self.trainer.is_main:  # ranks hold the same weights, and rank 0 alone runs the stage starts
+                atomic_save(self.networks["model"].state_dict(), self._snapshot_path(k))
 
     # ------------------------------------------------------------------ helpers for the stage starts
     def load_snapshots(self) -> list[nn.Module]:

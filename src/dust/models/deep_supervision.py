@@ -46,7 +46,7 @@ class DeepSupervisionUNet2D(UNet2D):
         num_classes: int = 4,
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
-        upsample: str = "deconv",
+        upsample: str = "bilinear",
     ) -> None:
         if len(channels) != len(AUX_PERTURBATIONS) + 2:
             raise ValueError(f"the deep-supervision U-Net has 5 levels (3 auxiliary heads); got channels {channels}")

@@ -93,7 +93,7 @@ class UNet2D(nn.Module):
         num_classes: int = 4,
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
-        upsample: str = "deconv",
+        upsample: str = "bilinear",
     ) -> None:
         super().__init__()
         self.encoder = Encoder(in_channels, channels, dropout)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dust import __version__
 from dust.config import resolve_data_dir
-from dust.data.ssl4mis import DataError, Volume, _load_slices, load_volumes
+from dust.data.ssl4mis import DataError, Volume, load_slices, load_volumes
 from dust.report import figures
 from dust.report.predictions import SlicePredictor, largest_slice, pick_slices
 from dust.report.run import CHECKPOINT_TAGS, RunRecord, load_run
@@ -176,7 +176,7 @@ class ReportBuilder:
             for which, picked in ends:
                 ids = [r.image_id for r in picked]
                 # just these slices: load_training_slices would read the whole unlabelled pool
-                slices = _load_slices(root, ids, False, int(run.cfg["num_classes"]))
+                slices = load_slices(root, ids, False, int(run.cfg["num_classes"]))
                 titles = [f"rank {r.rank}\n{r.image_id}\nu = {r.uncertainty:.3g}" for r in picked]
                 parts.append(f"<h4>{which} {len(picked)} unlabelled slices</h4>")
                 parts.append(_img(figures.thumbnails(titles, [im[0].numpy() for im in slices.images]),

@@ -1,0 +1,11 @@
+"""Errors the engine raises that the CLI reports as one line (no traceback): the user can act on them."""
+
+from __future__ import annotations
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/Inf; raised before the bad step touches the weights or checkpoints.
+
+    The message names the iteration and the loss term(s); ``dust train --resume`` restarts from the last
+    good checkpoint (e.g. after lowering ``lr``).
+    """
