@@ -46,6 +46,16 @@ def time_step(model_cls: type, bf16: bool, channels_last: bool, batch: int, step
     return times[len(times) // 2]  # median: robust to a background hiccup
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,9 +71,13 @@ def main() -> None:
             rows.append({"model": name, "batch": batch, "bf16": bf16, "channels_last": cl, "seconds_per_step": sec})
             print(f"{name:12s} batch {batch:2d} bf16={bf16!s:5} channels_last={cl!s:5} {sec:.3f} s/step")
     result = {
-        "command": f"python benchmarks/step_speed.py --threads {args.threads} --steps {args.steps}",
+        "command": f"python benchmarks/step_speed.py --threads {args.threads} --steps {args.steps} "
+                   f"--warmup {args.warmup} --out {args.out}",
         "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "rows": rows,
+        "machine": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+        # bf16 autocast is only fast where the CPU has native bf16 (AVX512-BF16 / AMX); elsewhere it is emulated
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

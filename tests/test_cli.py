@@ -9,6 +9,10 @@ import pytest
 import yaml
 
 from dust.cli.main import main
+from dust.config import resolve_bf16
+
+# what `bf16: auto` resolves to on this machine (bf16 only where the CPU computes it natively)
+NATIVE_PRECISION = "bf16" if resolve_bf16("auto", "cpu") else "fp32"
 
 
 def _write_config(tmp_path: Path, phantom_root: Path) -> Path:
@@ -39,7 +43,7 @@ def test_train_then_evaluate(tmp_path: Path, phantom_root: Path, capsys):
     merged = tmp_path / "merged.json"
     assert main(["results", "--json", str(merged), "--markdown", str(md), "--add", str(run)]) == 0
     assert json.loads(merged.read_text()) == records
-    assert "| supervised | 2 | 10, val, bf16, bilinear, bilinear | 3 | 1 |" in md.read_text()
+    assert f"| supervised | 2 | 10, val, {NATIVE_PRECISION}, bilinear, bilinear | 3 | 1 |" in md.read_text()
 
 
 def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):

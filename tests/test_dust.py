@@ -17,7 +17,7 @@ from dust.data.ssl4mis import read_list, split_by_patients
 from dust.data.transforms import resize_image
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.trainer import Trainer
-from dust.losses import uncertainty_rectified_loss
+from dust.losses import dice_loss, uncertainty_rectified_loss
 from dust.methods import get_method
 from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
 
@@ -224,3 +224,39 @@ def test_output_decoder_mean_averages_both_decoders_everywhere_the_output_is_use
     with torch.inference_mode(), trainer.autocast():
         expected = method.predict(resize_image(img[None], size).to(memory_format=torch.channels_last)).argmax(1)[0]
     assert torch.equal(pool.pseudo_labels[0], method.label_at_slice_size(expected, img))
+
+
+@pytest.mark.parametrize("method", ["dust", "self_training"])
+def test_pseudo_label_dice_adds_a_dice_term_to_the_unlabelled_loss(tiny_cfg, method):
+    torch.manual_seed(0)
+    x_l, x_u = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    y_l, y_u = torch.randint(0, 4, (2, 32, 32)), torch.randint(0, 4, (2, 32, 32))
+    batch = {"x_l": x_l, "y_l": y_l, "x_u": x_u, "y_u": y_u}
+    losses = {}
+    for dice in (False, True):
+        m = get_method(method)(tiny_cfg(method=method, pseudo_label_dice=dice))
+        torch.manual_seed(1)  # the same initial weights for both
+        m.build()
+        m.uses_unlabeled = True
+        m.networks["model"].eval()  # no dropout: the two forwards see the same network function
+        losses[dice] = m.train_step(batch, 0)["unsup"]
+        main_u = m.networks["model"](torch.cat([x_l, x_u]))[0][2:]
+    torch.testing.assert_close(losses[True] - losses[False], dice_loss(main_u, y_u))
+
+
+def test_skip_empty_pseudo_labels_leaves_background_only_slices_out_of_the_stage(tiny_cfg, monkeypatch):
+    trainer = Trainer(tiny_cfg(method="self_training", iterations=10, val_every=10, skip_empty_pseudo_labels=True))
+    pool = trainer.data.unlabeled
+    real_pseudo_label = trainer.method._pseudo_label
+
+    def blank_even_slices(indices, stage, tr):  # as if the teacher saw no heart on every even pool slice
+        real_pseudo_label(indices, stage, tr)
+        for i in indices.tolist():
+            if i % 2 == 0:
+                pool.pseudo_labels[i] = torch.zeros_like(pool.pseudo_labels[i])
+            else:
+                pool.pseudo_labels[i][0, 0] = 1  # at least one foreground pixel
+
+    monkeypatch.setattr(trainer.method, "_pseudo_label", blank_even_slices)
+    trainer.fit()
+    assert trainer.sampler.unlabeled_stream.indices.tolist() == list(range(1, len(pool), 2))

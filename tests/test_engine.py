@@ -125,3 +125,14 @@ def test_a_users_own_method_plugs_in_without_editing_dust(tiny_cfg, tmp_path: Pa
 def test_full_config_fills_defaults():
     cfg = full_config({"method": "supervised"})
     assert cfg["lr"] == 0.01 and cfg["momentum"] == 0.9 and cfg["weight_decay"] == 1e-4
+
+
+def test_bf16_auto_follows_the_hardware_and_explicit_values_win(monkeypatch):
+    # an AVX2-only CPU emulates bf16 (~20x slower than fp32), so "auto" must not switch it on there
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert full_config({"method": "supervised", "device": "cpu"})["bf16"] is False
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert full_config({"method": "supervised", "device": "cpu"})["bf16"] is True
+    assert full_config({"method": "supervised", "bf16": False})["bf16"] is False
+    with pytest.raises(ConfigError, match="bf16: expected auto, true or false, got 'yes'"):
+        full_config({"method": "supervised", "bf16": "yes"})

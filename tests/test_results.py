@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dust.cli.main import main
-from dust.config import load_config
+from dust.config import load_config, resolve_bf16
 from dust.engine.benchmark import Protocol, plan_benchmark, run_benchmark
 from dust.engine.workflows import full_config
 from dust.results import (
@@ -23,6 +23,9 @@ from dust.results import (
     results_markdown,
     update_results,
 )
+
+# what `bf16: auto` resolves to on this machine (bf16 only where the CPU computes it natively)
+NATIVE_PRECISION = "bf16" if resolve_bf16("auto", "cpu") else "fp32"
 
 
 def _add_records(path: str, seeds: list[int], start) -> None:
@@ -110,10 +113,12 @@ def test_rows_put_the_supervised_baseline_first_within_a_label_budget():
 
 def test_benchmark_dry_run_skips_what_the_json_holds(tmp_path: Path, capsys):
     results = tmp_path / "results.json"
-    # seed 1337 of the default protocol is recorded; seed 4242 only as an fp32 variant, which does not count
-    results.write_text(json.dumps([_record(1337, 70.0), _record(1337, 72.0, checkpoint="best"),
-                                   _record(4242, 71.0, precision="fp32"),
-                                   _record(4242, 73.0, checkpoint="best", precision="fp32")]))
+    # seed 1337 of the default protocol is recorded; seed 4242 only in the other precision, which does not count
+    other = "fp32" if NATIVE_PRECISION == "bf16" else "bf16"
+    results.write_text(json.dumps([_record(1337, 70.0, precision=NATIVE_PRECISION),
+                                   _record(1337, 72.0, checkpoint="best", precision=NATIVE_PRECISION),
+                                   _record(4242, 71.0, precision=other),
+                                   _record(4242, 73.0, checkpoint="best", precision=other)]))
     argv = ["benchmark", "--methods", "supervised", "--labeled-patients", "7", "--seeds", "1337", "4242",
             "--json", str(results), "--markdown", str(tmp_path / "README.md"), "--dry-run"]
     assert main(argv) == 0
@@ -150,7 +155,8 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     assert {r["command"] for r in stored} == {
         f"dust train --config {configs / 'supervised.yaml'} --set labeled_patients=2 --set seed=5 "
         f"--record {protocol.results_json}"}
-    assert "| supervised | 2 | 6, val, bf16, bilinear, bilinear | 5 | 1 |" in protocol.results_markdown.read_text()
+    row = f"| supervised | 2 | 6, val, {NATIVE_PRECISION}, bilinear, bilinear | 5 | 1 |"
+    assert row in protocol.results_markdown.read_text()
     assert (tmp_path / "runs" / "supervised_2p_seed5" / "report.html").is_file()
     again = plan_benchmark(protocol, ["supervised"], [2], [5], stored, protocol.results_json)
     assert [j.done for j in again] == [True]

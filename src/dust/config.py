@@ -54,7 +54,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     "val_every": 200,
     "log_every": 20,
     "keep_checkpoints": 2,
-    "bf16": True,  # bf16 autocast (CPU and GPU)
+    # bf16 autocast: auto | true | false. auto = on where the hardware computes bf16 natively (a CUDA GPU with
+    # bf16, a CPU with AVX512-BF16/AMX); on other CPUs (e.g. AVX2 only) PyTorch emulates bf16 and a training step
+    # is ~20x slower than fp32 (docs/results/step_speed_avx2.json). The resolved value is what the run records.
+    "bf16": "auto",
     "channels_last": True,
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
     "device": "auto",  # auto | cpu | cuda
@@ -108,11 +111,25 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
         )
     resolved = copy.deepcopy(allowed)
     resolved.update({k: _typed(k, v, allowed[k]) for k, v in copy.deepcopy(cfg).items()})
+    resolved["bf16"] = resolve_bf16(resolved["bf16"], resolved["device"])
     if len(resolved["class_names"]) != resolved["num_classes"]:
         raise ConfigError(
             f"class_names has {len(resolved['class_names'])} entries but num_classes is {resolved['num_classes']}"
         )
     return resolved
+
+
+def resolve_bf16(value: Any, device: str) -> bool:
+    """``bf16: auto`` -> whether ``device`` (auto | cpu | cuda...) computes bf16 natively; true/false pass through."""
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ConfigError(f"bf16: expected auto, true or false, got {value!r}")
+    import torch  # here, not at the top: reading a config should not need torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _typed(key: str, value: Any, default: Any) -> Any:

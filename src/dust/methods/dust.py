@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dust.config import ConfigError
-from dust.losses import supervised_loss, uncertainty_rectified_loss
+from dust.losses import dice_loss, supervised_loss, uncertainty_rectified_loss
 from dust.methods import register
 from dust.methods.base import Stage
 from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
@@ -56,6 +56,18 @@ _OUTPUT = {
     "output_decoder": "main",
 }
 OUTPUT_DECODERS = ("main", "mean")
+_PSEUDO_DICE = {
+    # Add a soft Dice term between the main decoder and the pseudo-labels to L_unsup (not in the paper, whose
+    # L_unsup is per-pixel CE). With CE alone, background pixels dominate the pseudo-label loss; a teacher that
+    # under-segments (it predicts pure background on a share of cardiac slices at this budget) then teaches the
+    # student to segment less, and stage 2's re-labelling compounds it. Dice weighs each class by its own size,
+    # as the supervised loss (Eq. 5) already does for labelled slices.
+    "pseudo_label_dice": False,
+    # Leave out of a stage the unlabelled slices whose pseudo-label is background only (not in the paper). On
+    # ACDC 43 of 1312 training slices (3.3%) hold no structure, but a 1600-iteration teacher predicts nothing on
+    # 18.7% of the pool; trained on, those slices teach the student to miss whole hearts.
+    "skip_empty_pseudo_labels": False,
+}
 _FIGURE_EXAMPLES = 4
 
 
@@ -66,7 +78,7 @@ class DUST(StagedSelfTraining):
     model_name = "dual_unet2d"
     sample_sorting = True  # SS module: sort the pool by Eq. 1, reliable part first
     unrc = True  # UNRC module: Eq. 4 instead of plain CE on pseudo-labels
-    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_UNRC, **_OUTPUT}
+    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_UNRC, **_OUTPUT, **_PSEUDO_DICE}
 
     def build(self) -> None:
         if self.cfg["output_decoder"] not in OUTPUT_DECODERS:
@@ -90,6 +102,8 @@ class DUST(StagedSelfTraining):
             unsup, dkl = uncertainty_rectified_loss(main_u, aux_u, y_u, self.cfg["detach_uncertainty_weight"])
         else:
             unsup, dkl = F.cross_entropy(main_u.float(), y_u.long()), None
+        if self.cfg["pseudo_label_dice"]:
+            unsup = unsup + dice_loss(main_u, y_u)
         if (iteration + 1) % self.cfg["log_every"] == 0 and self.trainer is not None:
             if dkl is None:  # the ablations log the same diagnostic, it is just not in their loss
                 dkl = decoder_kl(main_u.detach(), aux_u.detach())
@@ -122,6 +136,14 @@ class DUST(StagedSelfTraining):
         else:  # stage 2, or no sorting: the whole pool (easy to hard when sorted, for the figure)
             indices = self.order if self.order is not None else everything
         self._pseudo_label(indices, stage.name, trainer)
+        if self.cfg["skip_empty_pseudo_labels"]:
+            labels = trainer.data.unlabeled.pseudo_labels
+            kept = indices[torch.tensor([bool(labels[i].any()) for i in indices.tolist()], dtype=torch.bool)]
+            log.info("%s: %d of %d pseudo-labels are background only and are left out (skip_empty_pseudo_labels)",
+                     stage.name, len(indices) - len(kept), len(indices))
+            if len(kept) == 0:
+                raise ValueError(f"{stage.name}: every pseudo-label is background only; nothing left to train on")
+            indices = kept
         trainer.sampler.set_unlabeled_indices(indices)
         self.uses_unlabeled = True
 
@@ -186,7 +208,7 @@ class SelfTrainingSampleSorting(DUST):
     """Table 3 "ST+SS": sample sorting, plain CE on pseudo-labels (dual decoder kept for a fair comparison)."""
 
     unrc = False
-    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_OUTPUT}
+    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_OUTPUT, **_PSEUDO_DICE}
 
 
 @register("self_training")
@@ -195,4 +217,4 @@ class SelfTraining(DUST):
 
     sample_sorting = False
     unrc = False
-    defaults = {**SCHEDULE_DEFAULTS, **_OUTPUT}
+    defaults = {**SCHEDULE_DEFAULTS, **_OUTPUT, **_PSEUDO_DICE}
