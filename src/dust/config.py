@@ -56,7 +56,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": 2,
     # bf16 autocast: auto | true | false. auto = on where the hardware computes bf16 natively (a CUDA GPU with
     # bf16, a CPU with AVX512-BF16/AMX); on other CPUs (e.g. AVX2 only) PyTorch emulates bf16 and a training step
-    # is ~20x slower than fp32 (docs/results/step_speed_avx2.json). The resolved value is what the run records.
+    # is 12-18x slower than fp32 (docs/results/step_speed_avx2.json). The resolved value is what the run records.
     "bf16": "auto",
     "channels_last": True,
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default

@@ -56,7 +56,7 @@ _OUTPUT = {
     "output_decoder": "main",
 }
 OUTPUT_DECODERS = ("main", "mean")
-_PSEUDO_DICE = {
+_PSEUDO_LABEL_OPTIONS = {
     # Add a soft Dice term between the main decoder and the pseudo-labels to L_unsup (not in the paper, whose
     # L_unsup is per-pixel CE). With CE alone, background pixels dominate the pseudo-label loss; a teacher that
     # under-segments (it predicts pure background on a share of cardiac slices at this budget) then teaches the
@@ -78,7 +78,7 @@ class DUST(StagedSelfTraining):
     model_name = "dual_unet2d"
     sample_sorting = True  # SS module: sort the pool by Eq. 1, reliable part first
     unrc = True  # UNRC module: Eq. 4 instead of plain CE on pseudo-labels
-    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_UNRC, **_OUTPUT, **_PSEUDO_DICE}
+    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_UNRC, **_OUTPUT, **_PSEUDO_LABEL_OPTIONS}
 
     def build(self) -> None:
         if self.cfg["output_decoder"] not in OUTPUT_DECODERS:
@@ -208,7 +208,7 @@ class SelfTrainingSampleSorting(DUST):
     """Table 3 "ST+SS": sample sorting, plain CE on pseudo-labels (dual decoder kept for a fair comparison)."""
 
     unrc = False
-    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_OUTPUT, **_PSEUDO_DICE}
+    defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, **_OUTPUT, **_PSEUDO_LABEL_OPTIONS}
 
 
 @register("self_training")
@@ -217,4 +217,4 @@ class SelfTraining(DUST):
 
     sample_sorting = False
     unrc = False
-    defaults = {**SCHEDULE_DEFAULTS, **_OUTPUT, **_PSEUDO_DICE}
+    defaults = {**SCHEDULE_DEFAULTS, **_OUTPUT, **_PSEUDO_LABEL_OPTIONS}
