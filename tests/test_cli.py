@@ -46,6 +46,19 @@ def test_train_then_evaluate(tmp_path: Path, phantom_root: Path, capsys):
     assert f"| supervised | 2 | 10, val, {NATIVE_PRECISION}, bilinear, bilinear | 3 | 1 |" in md.read_text()
 
 
+def test_a_resumed_run_is_credited_to_the_command_that_started_it(tmp_path: Path, phantom_root: Path):
+    config = _write_config(tmp_path, phantom_root)
+    record = tmp_path / "results.json"
+    assert main(["train", "--config", str(config), "--set", "iterations=5", "--record", str(record)]) == 0
+    started = json.loads(record.read_text())[0]["command"]
+    # a killed or finished run is continued with --resume (here to more iterations); the result is credited to
+    # the command that started it plus the resume's overrides
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "iterations=10"]) == 0
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "--config" in started and {r["command"] for r in resumed} == {started + " --set iterations=10"}
+    assert resumed[0]["iterations"] == 10
+
+
 def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err

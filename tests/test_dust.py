@@ -19,6 +19,7 @@ from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.trainer import Trainer
 from dust.losses import dice_loss, uncertainty_rectified_loss
 from dust.methods import get_method
+from dust.report import write_report
 from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
 
 LN3 = math.log(3.0)
@@ -41,6 +42,25 @@ def test_sample_uncertainty_matches_eq1_by_hand():
     assert torch.allclose(sample_uncertainty(list(probs)), u)  # a list of K tensors works the same
     with pytest.raises(ValueError, match="K >= 2"):
         sample_uncertainty(probs[:1])
+
+
+def test_sample_uncertainty_over_foreground_is_not_diluted_by_agreeing_background():
+    # K=2, 3 images, 2 classes (0 background), 1x4 pixels. Image 1: one foreground pixel where the snapshots
+    # disagree by 0.4; image 2: the same disagreement on four foreground pixels; image 3: background everywhere.
+    def image(fg_probs: list[float]) -> list[list[list[float]]]:
+        return [[[1 - p for p in fg_probs]], [fg_probs]]  # (C=2, H=1, W=4)
+
+    first = torch.tensor([image([0.4, 0, 0, 0]), image([0.4] * 4), image([0.1] * 4)])
+    last = torch.tensor([image([0.8, 0, 0, 0]), image([0.8] * 4), image([0.2] * 4)])
+    probs = torch.stack([first, last])  # (K=2, N=3, C=2, 1, 4)
+    sq = 0.4**2
+    assert torch.allclose(sample_uncertainty(probs), torch.tensor([sq / 4, sq, 0.1**2]))  # the paper: all pixels
+    region = sample_uncertainty(probs, region="foreground")
+    # image 1 ties image 2 once its agreeing background no longer counts; image 3 has no foreground: last
+    assert torch.allclose(region[:2], torch.tensor([sq, sq])) and torch.isinf(region[2])
+    assert split_by_uncertainty(region, 0.5)[0].tolist()[-1] == 2
+    with pytest.raises(ValueError, match="region"):
+        sample_uncertainty(probs, region="edges")
 
 
 def test_decoder_kl_and_unrc_loss_match_eq2_and_eq4_by_hand():
@@ -102,6 +122,8 @@ def test_keys_and_checkpoint_points_are_checked(tiny_cfg):
         tiny_cfg(method="st_ss", detach_uncertainty_weight=True)
     with pytest.raises(ConfigError, match="checkpoint_points"):
         get_method("dust")(tiny_cfg(method="dust", checkpoint_points=[1.0])).build()
+    with pytest.raises(ConfigError, match="sample_uncertainty_region 'edges'"):
+        get_method("dust")(tiny_cfg(method="dust", sample_uncertainty_region="edges")).build()
     with pytest.raises(ConfigError, match="distinct iterations"):  # 8 pre-training iterations: 0.5, 0.55 -> 4, 4
         get_method("dust")(tiny_cfg(method="dust", checkpoint_points=[0.5, 0.55, 1.0])).build()
 
@@ -260,3 +282,30 @@ def test_skip_empty_pseudo_labels_leaves_background_only_slices_out_of_the_stage
     monkeypatch.setattr(trainer.method, "_pseudo_label", blank_even_slices)
     trainer.fit()
     assert trainer.sampler.unlabeled_stream.indices.tolist() == list(range(1, len(pool), 2))
+
+
+def test_foreground_region_ranks_the_pool_and_a_slice_without_foreground_goes_last(tiny_cfg, monkeypatch):
+    import dust.methods.dust as dust_module
+
+    trainer = Trainer(tiny_cfg(method="st_ss", iterations=10, val_every=10, sample_uncertainty_region="foreground"))
+    used_regions = []
+
+    def with_the_pools_first_slice_unlabelled(probs, region="image"):
+        used_regions.append(region)
+        probs = [p.clone() for p in probs]
+        for p in probs:
+            p[1:, :, 0, 0] = 0  # every other slice: foreground at one pixel, for every snapshot
+            p[1:, 1, 0, 0] = 1
+            p[0] = 0  # the first slice: background everywhere, as if no snapshot saw a heart on it
+            p[0, 0] = 1
+        return sample_uncertainty(probs, region)
+
+    monkeypatch.setattr(dust_module, "sample_uncertainty", with_the_pools_first_slice_unlabelled)
+    trainer.fit()
+    assert used_regions and set(used_regions) == {"foreground"}
+    with (trainer.run_dir / "sample_uncertainty.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["image_id"] == trainer.data.unlabeled.ids[0] and math.isinf(float(rows[-1]["uncertainty"]))
+    assert all(math.isfinite(float(r["uncertainty"])) for r in rows[:-1])
+    report = write_report([trainer.run_dir], trainer.run_dir / "report.html")  # the histogram plots an inf
+    assert "Sample uncertainty of the unlabelled pool" in report.read_text()

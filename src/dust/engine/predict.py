@@ -122,8 +122,9 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
     """DUST's sample-level uncertainty (Eq. 1) of every case, written as a CSV sorted hardest first.
 
     ``checkpoints`` in training order (e.g. DUST's ``pretrain_k1.pt .. pretrain_kK.pt``); the last one is the
-    reference F_K. A case's value is Eq. 1 averaged over all its voxels (the mean of its slices' values), at
-    the input's resolution; ``hardest_slice`` is the slice (index along ``slice_axis``) with the largest value.
+    reference F_K. A case's value is Eq. 1 averaged over all its voxels (the mean of its slices' values), or
+    over its predicted foreground voxels where the run set ``sample_uncertainty_region: foreground``, at the
+    input's resolution; ``hardest_slice`` is the slice (index along ``slice_axis``) with the largest value.
     """
     if len(checkpoints) < 2:
         raise ValueError("dust rank needs at least two checkpoints (Eq. 1 compares earlier ones with the last)")
@@ -135,6 +136,7 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
                 raise CheckpointError(f"{path}: {key}={other[key]!r} differs from {checkpoints[-1]}'s {cfg[key]!r}; "
                                       "rank with checkpoints of one run")
     device = pick_device(cfg["device"])
+    region = cfg.get("sample_uncertainty_region", "image")  # as the run ranked its pool
     rows = []
     for case in _progress(find_input_cases(input_path), "rank", progress):
         image, _ = _read_case(case, cfg)
@@ -143,9 +145,12 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
                            interpolation=c["image_interpolation"])
             for m, c in models
         ])  # (K checkpoints, classes, S, H, W)
-        per_slice = sample_uncertainty(probs.permute(0, 2, 1, 3, 4))
-        rows.append({"case": case.case_id, "uncertainty": float(per_slice.mean()), "slices": len(per_slice),
-                     "hardest_slice": int(per_slice.argmax())})
+        # the volume as one image of S*H rows: its mean over all (or all foreground) voxels
+        k, c, s, h, w = probs.shape
+        volume = sample_uncertainty(probs.reshape(k, 1, c, s * h, w), region)[0]
+        per_slice = sample_uncertainty(probs.permute(0, 2, 1, 3, 4), region)  # inf: no foreground on a slice
+        rows.append({"case": case.case_id, "uncertainty": float(volume), "slices": len(per_slice),
+                     "hardest_slice": int(torch.where(per_slice.isfinite(), per_slice, -1.0).argmax())})
     rows.sort(key=lambda r: -r["uncertainty"])  # stable: ties keep case order
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as f:

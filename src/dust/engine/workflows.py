@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,29 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
             distributed.shutdown()
 
 
+def _command_of_record(run_dir: Path, command: str, resume: bool, is_main: bool) -> str:
+    """The command a result is credited to: the one that started the run (kept in ``command.txt``), followed
+    by the ``--set`` overrides a resume added (later ones win).
+
+    ``dust train --resume RUN_DIR`` alone reproduces nothing once the run directory is gone; the starting
+    command does, because a resumed run continues exactly.
+    """
+    path = run_dir / "command.txt"
+    if resume and path.is_file():
+        tokens = shlex.split(command)
+        overrides = [f"--set {shlex.quote(tokens[i + 1])}" for i, t in enumerate(tokens[:-1]) if t == "--set"]
+        overrides += [f"--set {shlex.quote(t[len('--set='):])}" for t in tokens if t.startswith("--set=")]
+        return " ".join([path.read_text().strip(), *overrides])
+    if is_main and command and not resume:
+        atomic_write_text(command + "\n", path)
+    return command
+
+
 def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list[dict]:
     trainer = Trainer(cfg)
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
+    command = _command_of_record(trainer.run_dir, command, resume, trainer.is_main)
     trainer.fit()
     records = []
     for tag in ("last", "best"):

@@ -124,15 +124,18 @@ def sample_uncertainty_histogram(rows: Sequence[SampleUncertainty]) -> bytes:
     """Eq. 1 over the unlabelled pool, the reliable (stage 1) part and the rest in two colours."""
     values = np.array([r.uncertainty for r in rows])
     reliable = np.array([r.reliable for r in rows])
+    finite = np.isfinite(values)  # inf: no predicted foreground (sample_uncertainty_region: foreground)
     fig = Figure(figsize=(7, 3))
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.17, top=0.9)
     ax = fig.subplots()
-    bins = np.linspace(values.min(), values.max(), 31) if values.max() > values.min() else 10
-    ax.hist([values[reliable], values[~reliable]], bins=bins, stacked=True,
+    shown = values[finite]
+    bins = np.linspace(shown.min(), shown.max(), 31) if shown.size and shown.max() > shown.min() else 10
+    ax.hist([values[finite & reliable], values[finite & ~reliable]], bins=bins, stacked=True,
             label=[f"reliable ({int(reliable.sum())})", f"unreliable ({int((~reliable).sum())})"],
             color=["tab:green", "tab:red"])
+    unranked = "" if finite.all() else f"; {int((~finite).sum())} with no predicted foreground, ranked last"
     ax.set(xlabel="sample uncertainty (Eq. 1)", ylabel="unlabelled slices",
-           title=f"sample uncertainty of {len(rows)} unlabelled slices")
+           title=f"sample uncertainty of {len(rows)} unlabelled slices{unranked}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)

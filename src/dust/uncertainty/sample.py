@@ -7,21 +7,36 @@ from collections.abc import Sequence
 import torch
 
 
-def sample_uncertainty(probs_per_checkpoint: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+def sample_uncertainty(
+    probs_per_checkpoint: Sequence[torch.Tensor] | torch.Tensor, region: str = "image"
+) -> torch.Tensor:
     """Eq. 1: sum_{i<K} mean[(F_i(x) - F_K(x))^2] / (K - 1) for each image.
 
     ``probs_per_checkpoint``: K softmax outputs (N, C, H, W) of checkpoints saved in pre-training order
-    (a sequence, or one tensor (K, N, C, H, W)); the last one is the reference F_K. The mean runs over all
-    C*H*W entries, as the equation is written (summing over classes instead would only rescale by C and
-    leave the ranking unchanged). Returns (N,) float32.
+    (a sequence, or one tensor (K, N, C, H, W)); the last one is the reference F_K. Returns (N,) float32.
+
+    ``region="image"`` (the paper): the mean runs over all C*H*W entries, as the equation is written (summing
+    over classes instead would only rescale by C and leave the ranking unchanged). ``region="foreground"``: the
+    mean runs over the pixels that some checkpoint labels foreground (argmax != 0). Over the whole image, a
+    slice with small structures (apex, base) scores low because its background agrees, so it ranks "easy"
+    while its labels are the worst of the pool (docs/results/analysis.md); a slice that no checkpoint labels
+    foreground gives no evidence at all and scores ``inf`` (ranked last).
     """
     probs = torch.stack(list(probs_per_checkpoint)) if not torch.is_tensor(probs_per_checkpoint) \
         else probs_per_checkpoint
     if probs.dim() != 5 or probs.shape[0] < 2:
         raise ValueError(f"need K >= 2 checkpoints of (N, C, H, W) probabilities, got shape {tuple(probs.shape)}")
     probs = probs.float()
-    sq = (probs[:-1] - probs[-1:]).pow(2)  # (K-1, N, C, H, W)
-    return sq.flatten(2).mean(2).mean(0)
+    sq = (probs[:-1] - probs[-1:]).pow(2).mean(0)  # (N, C, H, W), averaged over the K - 1 pairs
+    if region == "image":
+        return sq.flatten(1).mean(1)
+    if region != "foreground":
+        raise ValueError(f"sample uncertainty region must be 'image' or 'foreground', got {region!r}")
+    foreground = (probs.argmax(2) != 0).any(0).flatten(1)  # (N, H*W): foreground for some checkpoint
+    per_pixel = sq.mean(1).flatten(1)  # (N, H*W)
+    pixels = foreground.sum(1)
+    mean = (per_pixel * foreground).sum(1) / pixels.clamp_min(1)
+    return torch.where(pixels > 0, mean, torch.full_like(mean, float("inf")))
 
 
 def split_by_uncertainty(

@@ -1,0 +1,145 @@
+"""How good a DUST run's pseudo-labels are: Dice against the unlabelled pool's ground truth, which training never reads.
+
+A diagnostic for the stage-1/stage-2 Dice drop (docs/results/analysis.md): a student trained on pseudo-labels
+that are worse than its own validation Dice can only copy their errors. Two sets are scored:
+
+- stage 1: re-made from the last pre-training snapshot (the network that labelled stage 1) with the run's
+  ``output_decoder``, for the reliable half it trained on and the unreliable half it left out
+  (``sample_uncertainty.csv``): if the sample-uncertainty ranking works, the reliable half is labelled better;
+- the labels stored in the newest iteration checkpoint (kept there for resume): stage 2's when the run got there.
+
+Dice is pooled over slices per class (sum of overlaps over sum of sizes), for all labelled slices of a set and for
+those a run with ``skip_empty_pseudo_labels`` trains on (pseudo-label not background only).
+
+    DUST_DATA=../shared/data python benchmarks/pseudo_label_quality.py runs/acdc/dust_7p_seed1337_fixes \
+        [--out docs/results/dust_7p_seed1337_fixes_pseudo_label_quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from dust.config import resolve_data_dir
+from dust.data import load_training_data
+from dust.data.transforms import resize_image
+from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint
+from dust.engine.predict import load_for_inference
+from dust.methods.staged import StagedSelfTraining
+from dust.uncertainty import sample_uncertainty, split_by_uncertainty
+
+
+def pooled_dice(pairs: list[tuple[np.ndarray, np.ndarray]], classes: list[str]) -> dict[str, float]:
+    """Per-class Dice (in %) pooled over (pseudo-label, ground truth) slice pairs, and their mean."""
+    out = {}
+    for c, name in enumerate(classes[1:], start=1):
+        overlap = sum(int(((p == c) & (g == c)).sum()) for p, g in pairs)
+        size = sum(int((p == c).sum() + (g == c).sum()) for p, g in pairs)
+        out[name] = round(200 * overlap / size, 2) if size else float("nan")
+    out["mean"] = round(float(np.mean([out[n] for n in classes[1:]])), 2)
+    return out
+
+
+def score(name: str, labels: dict[int, np.ndarray], truth: list[np.ndarray], classes: list[str]) -> dict:
+    kept = {i: p for i, p in labels.items() if p.any()}
+    row = {
+        "slices": len(labels),
+        "background_only": len(labels) - len(kept),
+        "background_only_but_truth_has_foreground": sum(1 for i, p in labels.items() if not p.any() and truth[i].any()),
+        "dice_all": pooled_dice([(p, truth[i]) for i, p in labels.items()], classes),
+        "dice_kept": pooled_dice([(p, truth[i]) for i, p in kept.items()], classes),
+    }
+    print(f"{name}: {row['slices']} slices, {row['background_only']} background only "
+          f"({row['background_only_but_truth_has_foreground']} of them with foreground in the truth); "
+          f"Dice all {row['dice_all']['mean']}, kept {row['dice_kept']['mean']}  per class {row['dice_kept']}")
+    return row
+
+
+def slice_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean Dice (in %) of one slice over the foreground classes present in the prediction or the truth."""
+    values = []
+    for c in range(1, num_classes):
+        p, g = pred == c, truth == c
+        if p.any() or g.any():
+            values.append(200 * (p & g).sum() / (p.sum() + g.sum()))
+    return float(np.mean(values)) if values else 100.0
+
+
+def ranking_quality(order: list[int], labels: dict[int, np.ndarray], truth: list[np.ndarray],
+                    num_classes: int) -> dict:
+    """Mean slice Dice of the labels per quarter of a ranking (easiest first), and the Spearman correlation of
+    rank and Dice: a ranking that finds the well-labelled slices gives falling Dice and a negative correlation."""
+    dice = np.array([slice_dice(labels[i], truth[i], num_classes) for i in order])
+    spearman = float(np.corrcoef(np.arange(len(dice)), np.argsort(np.argsort(dice)))[0, 1])
+    return {"mean_slice_dice_by_quarter": [round(float(q.mean()), 2) for q in np.array_split(dice, 4)],
+            "spearman_rank_vs_dice": round(spearman, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the numbers as JSON")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    snapshots = sorted((args.run_dir / "checkpoints").glob("pretrain_k*.pt"))
+    methods = [load_for_inference(path) for path in snapshots]
+    cfg = methods[-1][1]
+    root = resolve_data_dir(cfg["data_dir"])
+    pool = load_training_data(cfg, root).unlabeled
+    truth = []
+    for slice_id in pool.ids:
+        with h5py.File(root / "data" / f"{slice_id}.h5", "r") as f:
+            truth.append(np.asarray(f["label"][()], dtype=np.uint8))
+    classes = list(cfg["class_names"])
+
+    # the last snapshot labels stage 1: argmax at patch size, resized (nearest) to each slice; all K snapshots
+    # give the sample uncertainty (Eq. 1), over the whole image (the paper) and over predicted foreground
+    labels: dict[int, np.ndarray] = {}
+    regions = ("image", "foreground")
+    uncertainty: dict[str, list[torch.Tensor]] = {r: [] for r in regions}
+    size = tuple(cfg["patch_size"])
+    with torch.inference_mode():
+        for start in range(0, len(pool.ids), 64):
+            idx = list(range(start, min(start + 64, len(pool.ids))))
+            x = torch.cat([resize_image(pool.images[i][None], size, cfg["image_interpolation"]) for i in idx])
+            probs = [torch.softmax(method.predict(x).float(), 1) for method, _ in methods]
+            for r in regions:
+                uncertainty[r].append(sample_uncertainty(probs, region=r))
+            for i, label in zip(idx, probs[-1].argmax(1), strict=True):
+                labels[i] = StagedSelfTraining.label_at_slice_size(label, pool.images[i]).numpy()
+
+    result: dict = {"run_dir": str(args.run_dir), "stage1_labeller": snapshots[-1].name}
+    for r in regions:
+        order, reliable, unreliable = split_by_uncertainty(torch.cat(uncertainty[r]), cfg["reliable_fraction"])
+        row = ranking_quality(order.tolist(), labels, truth, len(classes))
+        print(f"region {r}: slice Dice by quarter of the ranking (easiest first) {row['mean_slice_dice_by_quarter']}"
+              f"; Spearman(rank, Dice) {row['spearman_rank_vs_dice']}")
+        for name, half in (("reliable", reliable), ("unreliable", unreliable)):
+            row[name] = score(f"  {name} half", {i: labels[i] for i in half.tolist()}, truth, classes)
+        result[f"sample_uncertainty_{r}"] = row
+    if [r["image_id"] for r in csv.DictReader((args.run_dir / "sample_uncertainty.csv").open())][:50] != \
+            [pool.ids[i] for i in split_by_uncertainty(torch.cat(uncertainty[cfg.get("sample_uncertainty_region",
+                                                                                     "image")]), 0.5)[0][:50]]:
+        print("warning: the recomputed ranking differs from the run's sample_uncertainty.csv")
+
+    newest = iteration_checkpoints(args.run_dir / "checkpoints")
+    if newest:
+        state = load_checkpoint(newest[0])
+        stored = {i: p.numpy() for i, p in enumerate(state["method_state"]["pseudo_labels"]) if p.numel()}
+        if stored:
+            result["stored_in"] = newest[0].name
+            result["stored"] = score(f"labels stored in {newest[0].name}", stored, truth, classes)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
