@@ -35,6 +35,7 @@ from dust.methods.base import Stage
 from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
 from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
 from dust.uncertainty.report import save_uncertainty_figure, write_sample_uncertainty_csv
+from dust.uncertainty.sample import SAMPLE_UNCERTAINTY_REGIONS
 
 if TYPE_CHECKING:
     from dust.engine.trainer import Trainer
@@ -77,7 +78,6 @@ _SAMPLE_SORTING = {
     # while the foreground mean ranks them 79.4 -> 34.7 (benchmarks/pseudo_label_quality.py). A departure.
     "sample_uncertainty_region": "image",
 }
-SAMPLE_UNCERTAINTY_REGIONS = ("image", "foreground")
 _FIGURE_EXAMPLES = 4
 
 

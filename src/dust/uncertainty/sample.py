@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+SAMPLE_UNCERTAINTY_REGIONS = ("image", "foreground")  # where Eq. 1 averages; see sample_uncertainty
+
 
 def sample_uncertainty(
     probs_per_checkpoint: Sequence[torch.Tensor] | torch.Tensor, region: str = "image"
@@ -30,8 +32,8 @@ def sample_uncertainty(
     sq = (probs[:-1] - probs[-1:]).pow(2).mean(0)  # (N, C, H, W), averaged over the K - 1 pairs
     if region == "image":
         return sq.flatten(1).mean(1)
-    if region != "foreground":
-        raise ValueError(f"sample uncertainty region must be 'image' or 'foreground', got {region!r}")
+    if region not in SAMPLE_UNCERTAINTY_REGIONS:
+        raise ValueError(f"sample uncertainty region must be one of {SAMPLE_UNCERTAINTY_REGIONS}, got {region!r}")
     foreground = (probs.argmax(2) != 0).any(0).flatten(1)  # (N, H*W): foreground for some checkpoint
     per_pixel = sq.mean(1).flatten(1)  # (N, H*W)
     pixels = foreground.sum(1)
