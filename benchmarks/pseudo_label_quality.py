@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from dust.config import resolve_data_dir
 from dust.data import load_training_data
@@ -76,7 +77,8 @@ def ranking_quality(order: list[int], labels: dict[int, np.ndarray], truth: list
     """Mean slice Dice of the labels per quarter of a ranking (easiest first), and the Spearman correlation of
     rank and Dice: a ranking that finds the well-labelled slices gives falling Dice and a negative correlation."""
     dice = np.array([slice_dice(labels[i], truth[i], num_classes) for i in order])
-    spearman = float(np.corrcoef(np.arange(len(dice)), np.argsort(np.argsort(dice)))[0, 1])
+    # tied Dice values (many slices score 0 or 100) share their average rank; nan when every slice ties
+    spearman = float(spearmanr(np.arange(len(dice)), dice).statistic) if np.ptp(dice) > 0 else float("nan")
     return {"mean_slice_dice_by_quarter": [round(float(q.mean()), 2) for q in np.array_split(dice, 4)],
             "spearman_rank_vs_dice": round(spearman, 3)}
 
@@ -125,10 +127,16 @@ def main() -> None:
         for name, half in (("reliable", reliable), ("unreliable", unreliable)):
             row[name] = score(f"  {name} half", {i: labels[i] for i in half.tolist()}, truth, classes)
         result[f"sample_uncertainty_{r}"] = row
-    if [r["image_id"] for r in csv.DictReader((args.run_dir / "sample_uncertainty.csv").open())][:50] != \
-            [pool.ids[i] for i in split_by_uncertainty(torch.cat(uncertainty[cfg.get("sample_uncertainty_region",
-                                                                                     "image")]), 0.5)[0][:50]]:
-        print("warning: the recomputed ranking differs from the run's sample_uncertainty.csv")
+    # the recomputation must reproduce the run's own split (the reliable half it trained stage 1 on)
+    region = cfg.get("sample_uncertainty_region", "image")
+    recomputed = result[f"sample_uncertainty_{region}"]
+    _, reliable, _ = split_by_uncertainty(torch.cat(uncertainty[region]), cfg["reliable_fraction"])
+    with (args.run_dir / "sample_uncertainty.csv").open() as f:
+        run_reliable = {row["image_id"] for row in csv.DictReader(f) if row["subset"] == "reliable"}
+    agree = len(run_reliable & {pool.ids[i] for i in reliable.tolist()}) / max(len(run_reliable), 1)
+    recomputed["reliable_half_shared_with_run_csv"] = round(agree, 4)
+    if agree < 1:
+        print(f"warning: only {agree:.1%} of the run's reliable half (sample_uncertainty.csv) is in the recomputed one")
 
     newest = iteration_checkpoints(args.run_dir / "checkpoints")
     if newest:

@@ -1,17 +1,24 @@
 """Seconds per training iteration of registered methods, through the real engine (``Trainer.fit``).
 
-The CPU budget protocol's shape: 128x128 patches, labelled batch 8 (+ unlabelled batch 8), U-Net 16-256, bf16
-autocast + channels_last, threads = core count, on a small synthetic phantom. Each method trains
-``warmup + iterations`` iterations of its last stage (for DUST and the other staged methods the short stages
-before it are run first and not timed: the semi-supervised step is what a run spends its time on); an
-iteration is timed from one ``after_step`` to the next, so it includes batch sampling and augmentation, the
-forward/backward, the optimiser step, the NaN check and logging. Reported: the median (robust to a background
-hiccup) and the mean. Run on an otherwise idle machine:
+The CPU budget protocol's shape: 128x128 patches, labelled batch 8 (+ unlabelled batch 8), U-Net 16-256,
+channels_last, threads = core count, on a small synthetic phantom; bf16 autocast where the CPU computes bf16
+natively (``--precision auto``, what ``dust train`` does by default). Each method trains ``warmup + iterations``
+iterations of its last stage (for DUST and the other staged methods the short stages before it are run first and
+not timed: the semi-supervised step is what a run spends its time on); an iteration is timed from one
+``after_step`` to the next, so it includes batch sampling and augmentation, the forward/backward, the optimiser
+step, the NaN check and logging. Reported: the median (robust to a background hiccup) and the mean. Run on an
+otherwise idle machine:
 
     python benchmarks/throughput.py --iterations 30 --warmup 5
 
 writes docs/results/throughput.json with the machine's core count and the torch version. Methods that are not
 registered are skipped with a note. ``--profile DIR`` also writes a cProfile of each method's timed iterations.
+
+``--processes N`` runs N copies side by side (each with ``--threads``; they time the methods in the same order,
+so the copies time the same method at about the same moment) and adds, per method, the iterations per second of
+all copies together: what ``dust benchmark --jobs N`` gains over one run at a time with all cores, e.g.
+
+    python benchmarks/throughput.py --processes 2 --threads 1 --out docs/results/throughput_2x1.json
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from dust.config import resolve_bf16
 from dust.data.phantom import generate_phantom
 from dust.engine.trainer import Trainer
 from dust.engine.workflows import full_config
@@ -38,14 +47,14 @@ TARGETS = "MT <= 0.175 s/iteration, DUST <= 1.3 x MT (2-core CPU)"
 
 
 def time_method(method: str, data_dir: Path, run_dir: Path, iterations: int, warmup: int, threads: int,
-                profile_to: Path | None = None) -> dict:
+                bf16: bool, profile_to: Path | None = None) -> dict:
     timed = warmup + iterations + 1  # `iterations` intervals between the after_step calls after the warm-up
     # staged methods: 3 pre-training iterations (K = 3 snapshots), 1 of stage 1, then the timed last stage
     staged_total = timed + 4
     staged = {"pretrain_fraction": 3 / staged_total, "stage1_fraction": 1 / staged_total}
     cfg = {
         "method": method, "data_dir": str(data_dir), "labeled_patients": 2, "patch_size": [128, 128],
-        "batch_size": 8, "unlabeled_batch_size": 8, "bf16": True, "channels_last": True, "threads": threads,
+        "batch_size": 8, "unlabeled_batch_size": 8, "bf16": bf16, "channels_last": True, "threads": threads,
         "tensorboard": False, "progress": False, "run_dir": str(run_dir), "seed": 0,
     }
     resolved = full_config(cfg)
@@ -78,16 +87,26 @@ def time_method(method: str, data_dir: Path, run_dir: Path, iterations: int, war
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "dust"])
-    parser.add_argument("--iterations", type=int, default=30, help="timed iterations per method")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default="docs/results/throughput.json")
-    parser.add_argument("--profile", metavar="DIR", help="write <DIR>/<method>.prof (cProfile of the timed part)")
-    args = parser.parse_args()
+def side_by_side(args: argparse.Namespace) -> dict:
+    """``args.processes`` copies of this script at once; their rows, and per method the summed throughput."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"copy{i}.json" for i in range(args.processes)]
+        argv = [sys.executable, __file__, "--methods", *args.methods, "--iterations", str(args.iterations),
+                "--warmup", str(args.warmup), "--threads", str(args.threads), "--precision", args.precision]
+        copies = [subprocess.Popen([*argv, "--out", str(out)], stdout=subprocess.DEVNULL) for out in outs]
+        if any(c.wait() != 0 for c in copies):
+            raise SystemExit("a copy failed; run it alone to see why")
+        results = [json.loads(out.read_text()) for out in outs]
+    rows = [{**row, "process": i} for i, r in enumerate(results) for row in r["rows"]]
+    together = {}
+    for method in {row["method"] for row in rows}:
+        together[method] = round(sum(1 / row["seconds_per_iteration"] for row in rows if row["method"] == method), 3)
+        print(f"{method:14s} {together[method]:.3f} iterations/s over {args.processes} processes "
+              f"x {args.threads} thread(s)")
+    return {"rows": rows, "iterations_per_second_all_processes": together, "skipped": results[0]["skipped"]}
 
+
+def time_here(args: argparse.Namespace, bf16: bool) -> dict:
     registered = set(available_methods())
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +121,7 @@ def main() -> None:
             if prof is not None:
                 prof.parent.mkdir(parents=True, exist_ok=True)
             row = time_method(method, data, Path(tmp) / f"run_{method}", args.iterations, args.warmup,
-                              args.threads, prof)
+                              args.threads, bf16, prof)
             rows.append(row)
             print(f"{method:14s} {row['seconds_per_iteration']:.3f} s/iteration (median of {row['iterations_timed']}"
                   f", mean {row['mean_seconds']:.3f}, stage {row['stage']})")
@@ -110,12 +129,32 @@ def main() -> None:
     ratio = round(seconds["dust"] / seconds["mean_teacher"], 3) if {"dust", "mean_teacher"} <= seconds.keys() else None
     if ratio is not None:
         print(f"dust / mean_teacher = {ratio:.2f} (targets: {TARGETS})")
+    return {"rows": rows, "dust_over_mean_teacher": ratio, "skipped": skipped}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "dust"])
+    parser.add_argument("--iterations", type=int, default=30, help="timed iterations per method")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 autocast only where the CPU computes bf16 natively (as dust train)")
+    parser.add_argument("--processes", type=int, default=1, help="copies timed side by side")
+    parser.add_argument("--out", default="docs/results/throughput.json")
+    parser.add_argument("--profile", metavar="DIR", help="write <DIR>/<method>.prof (cProfile of the timed part)")
+    args = parser.parse_args()
+
+    bf16 = resolve_bf16("auto", "cpu") if args.precision == "auto" else args.precision == "bf16"
+    timed = side_by_side(args) if args.processes > 1 else time_here(args, bf16)
     result = {
         "command": "python " + " ".join(sys.argv),
-        "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "setup": "128x128, labelled batch 8 + unlabelled batch 8, U-Net 16-256, bf16 autocast, channels_last",
-        "targets": TARGETS, "rows": rows, "dust_over_mean_teacher": ratio, "skipped": skipped,
+        "cpu_count": os.cpu_count(), "threads": args.threads, "processes": args.processes,
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "native_bf16": resolve_bf16("auto", "cpu"),
+        "setup": "128x128, labelled batch 8 + unlabelled batch 8, U-Net 16-256, channels_last, "
+                 + ("bf16 autocast" if bf16 else "fp32"),
+        "targets": TARGETS, **timed,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

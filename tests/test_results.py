@@ -13,6 +13,7 @@ import yaml
 from dust.cli.main import main
 from dust.config import load_config, resolve_bf16
 from dust.engine.benchmark import Protocol, plan_benchmark, run_benchmark
+from dust.engine.errors import RunFailedError
 from dust.engine.workflows import full_config
 from dust.results import (
     README_END,
@@ -135,15 +136,19 @@ def test_benchmark_unknown_method_is_one_clear_line(capsys):
     assert "no config for method 'no_such_method'" in capsys.readouterr().err
 
 
+def _tiny_config(path: Path, data_dir: Path, runs: Path, method: str = "supervised") -> None:
+    path.write_text(yaml.safe_dump({
+        "method": method, "data_dir": str(data_dir.resolve()), "labeled_patients": 2,
+        "patch_size": [32, 32], "channels": [4, 8, 16, 32, 64], "batch_size": 4, "iterations": 6, "val_every": 3,
+        "threads": 1, "tensorboard": False, "progress": False,
+        "run_dir": str(runs / "{method}_{labeled_patients}p_seed{seed}"),
+    }))
+
+
 def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Path):
     configs = tmp_path / "configs"
     configs.mkdir()
-    (configs / "supervised.yaml").write_text(yaml.safe_dump({
-        "method": "supervised", "data_dir": str(phantom_root.resolve()), "labeled_patients": 2,
-        "patch_size": [32, 32], "channels": [4, 8, 16, 32, 64], "batch_size": 4, "iterations": 6, "val_every": 3,
-        "threads": 1, "tensorboard": False, "progress": False,
-        "run_dir": str(tmp_path / "runs" / "{method}_{labeled_patients}p_seed{seed}"),
-    }))
+    _tiny_config(configs / "supervised.yaml", phantom_root, tmp_path / "runs")
     protocol = Protocol("tiny", configs, tmp_path / "r.json", tmp_path / "README.md", "Tiny")
     jobs = plan_benchmark(protocol, ["supervised"], [2], [5], [], protocol.results_json)
     assert [j.done for j in jobs] == [False]
@@ -161,6 +166,27 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     again = plan_benchmark(protocol, ["supervised"], [2], [5], stored, protocol.results_json)
     assert [j.done for j in again] == [True]
     assert run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title) == []
+
+
+def test_benchmark_jobs_side_by_side_record_every_run_and_report_a_failed_one(tmp_path: Path, phantom_root: Path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    _tiny_config(configs / "supervised.yaml", phantom_root, tmp_path / "runs")
+    _tiny_config(configs / "mean_teacher.yaml", tmp_path / "missing", tmp_path / "runs", method="mean_teacher")
+    protocol = Protocol("tiny", configs, tmp_path / "r.json", tmp_path / "README.md", "Tiny")
+    jobs = plan_benchmark(protocol, ["supervised", "mean_teacher"], [2], [5, 6], [], protocol.results_json,
+                          threads=1)
+    with pytest.raises(RunFailedError, match=r"2 of 4 benchmark runs failed.*mean_teacher.*console.log"):
+        run_benchmark(jobs, protocol.results_json, protocol.results_markdown, protocol.title, parallel=2)
+    # the runs that worked are recorded, each under the one command that reproduces it, thread count included
+    stored = json.loads(protocol.results_json.read_text())
+    assert sorted((r["seed"], r["checkpoint"]) for r in stored) == [(5, "best"), (5, "last"), (6, "best"), (6, "last")]
+    assert {r["command"] for r in stored} == {
+        f"dust train --config {configs / 'supervised.yaml'} --set labeled_patients=2 --set seed={s} --set threads=1 "
+        f"--record {protocol.results_json}" for s in (5, 6)}
+    assert "| supervised | 2 |" in protocol.results_markdown.read_text()
+    # the failed run names its problem in its own console log
+    assert "missing" in (tmp_path / "runs" / "mean_teacher_2p_seed5" / "console.log").read_text()
 
 
 def test_runs_recording_at_the_same_time_lose_no_record(tmp_path: Path):

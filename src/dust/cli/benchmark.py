@@ -10,7 +10,8 @@ from dust.config import ConfigError
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from dust.engine.benchmark import PROTOCOLS, plan_benchmark, run_benchmark
+    from dust.engine.benchmark import PROTOCOLS, default_threads, plan_benchmark, run_benchmark
+    from dust.engine.trainer import setup_logging
 
     if args.protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {args.protocol!r}; known: {sorted(PROTOCOLS)}")
@@ -18,7 +19,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     results_json = Path(args.json or protocol.results_json)
     markdown = Path(args.markdown or protocol.results_markdown)
     results = json.loads(results_json.read_text()) if results_json.is_file() else []
-    jobs = plan_benchmark(protocol, args.methods, args.labeled_patients, args.seeds, results, results_json)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give at least 1")
+    threads = args.threads or (default_threads(args.jobs) if args.jobs > 1 else None)
+    jobs = plan_benchmark(protocol, args.methods, args.labeled_patients, args.seeds, results, results_json, threads)
     runs = [j for j in jobs if args.force or not j.done]
     for job in jobs:
         state = "run " if job in runs else "skip"
@@ -28,7 +32,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"{len(runs)} to run, {len(jobs) - len(runs)} skipped")
     if args.dry_run:
         return 0
-    new = run_benchmark(jobs, results_json, markdown, protocol.title, args.force)
+    setup_logging(None)  # progress lines on the console (each run adds its own train.log)
+    new = run_benchmark(jobs, results_json, markdown, protocol.title, args.force, parallel=args.jobs)
     print(f"{len(new)} records added to {results_json}; table: {markdown}")
     return 0
 
@@ -47,5 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="also run combinations already in the JSON (a run directory with checkpoints is resumed, "
                         "so a finished run is re-evaluated; delete it to train again)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N combinations side by side, each in its own process (CPU machines; default 1)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="threads per run, written into each command (default with --jobs N: cores / N; "
+                        "otherwise the config's)")
     p.add_argument("--dry-run", action="store_true", help="print which combinations would run or be skipped")
     p.set_defaults(func=cmd_benchmark)

@@ -13,11 +13,12 @@ from dust.cli import benchmark, check_data, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.ssl4mis import DataError
 from dust.engine.checkpoint import CheckpointError
-from dust.engine.errors import NonFiniteLossError
+from dust.engine.errors import NonFiniteLossError, RunFailedError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 USER_ERRORS = (
-    ConfigError, DataError, CheckpointError, NonFiniteLossError, FileExistsError, FileNotFoundError, ValueError
+    ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFailedError, FileExistsError, FileNotFoundError,
+    ValueError,
 )
 
 

@@ -4,18 +4,29 @@ Each combination is exactly one ``dust train --config <protocol configs>/<method
 --set seed=S --record <json>`` (that command is what its records carry, so anyone can re-run one row).
 Combinations whose records are already in the results JSON are skipped, so an interrupted benchmark continues
 where it stopped; a run directory that already holds checkpoints is resumed rather than refused.
+
+With ``jobs > 1`` several combinations train side by side, each in its own ``dust train`` process with
+``threads`` threads (the command then carries ``--set threads=T``: a different thread count changes the
+floating-point sums, so it is part of what reproduces a number). On a small CPU this finishes a table sooner
+than one run after another with all cores each: a U-Net step of this size does not use two cores fully
+(``benchmarks/throughput.py --processes``). This process alone writes the results JSON and the table.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from dust.config import ConfigError, format_run_dir, load_config
 from dust.engine.checkpoint import iteration_checkpoints
+from dust.engine.errors import RunFailedError
 from dust.engine.workflows import full_config, train
 from dust.results import identity_of, record_key, results_markdown, update_results
 
@@ -53,6 +64,7 @@ class BenchmarkJob:
     cfg: dict
     command: str
     done: bool  # its last and best records are already in the results JSON
+    config_path: Path  # the config file as it exists here (the command names it relative to the repository)
 
     @property
     def run_dir(self) -> Path:
@@ -70,22 +82,24 @@ def _config_file(protocol: Protocol, method: str) -> tuple[Path, Path]:
 
 
 def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: list[int], seeds: list[int],
-                   results: list[dict], record_json: Path) -> list[BenchmarkJob]:
-    """Every combination in order (labelled patients, method, seed), marked done when ``results`` holds it."""
+                   results: list[dict], record_json: Path, threads: int | None = None) -> list[BenchmarkJob]:
+    """Every combination in order (labelled patients, method, seed), marked done when ``results`` holds it.
+
+    ``threads`` (when given) overrides the configs' thread count and is written into each command."""
     present = {record_key(r) for r in results}
     jobs = []
     for n in labeled_patients:
         for method in methods:
             written, path = _config_file(protocol, method)
             for seed in seeds:
-                overrides = [f"labeled_patients={n}", f"seed={seed}"]
+                overrides = [f"labeled_patients={n}", f"seed={seed}", *([f"threads={threads}"] if threads else [])]
                 cfg = full_config(load_config(path, overrides))
                 command = " ".join(
                     ["dust train --config", shlex.quote(str(written)),
                      *[f"--set {shlex.quote(o)}" for o in overrides], "--record", shlex.quote(str(record_json))]
                 )
                 done = all(record_key(identity_of(cfg, tag)) in present for tag in ("last", "best"))
-                jobs.append(BenchmarkJob(method, n, seed, cfg, command, done))
+                jobs.append(BenchmarkJob(method, n, seed, cfg, command, done, path))
     return jobs
 
 
@@ -97,19 +111,69 @@ def run_job(job: BenchmarkJob) -> list[dict]:
     return train(job.cfg, resume=resume, command=job.command)
 
 
+def run_job_in_subprocess(job: BenchmarkJob) -> list[dict]:
+    """:func:`run_job` in a ``dust train`` process of its own (console output in ``RUN_DIR/console.log``)."""
+    run_dir = job.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if iteration_checkpoints(run_dir / "checkpoints"):
+        argv = ["train", "--resume", str(run_dir)]  # its config.yaml holds the thread count it started with
+    else:  # the job's command without --record (this process records), its config found from any directory
+        words = shlex.split(job.command)[1:]
+        argv = [str(job.config_path) if prev == "--config" else w
+                for prev, w in zip(["", *words[:-1]], words, strict=True)]
+        argv = argv[: argv.index("--record")]
+    console = run_dir / "console.log"
+    with open(console, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "dust", *argv], stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = console.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RunFailedError(f"{job.command} failed (exit {done.returncode}): {tail[0]}; full output in {console}")
+    records = json.loads((run_dir / "results.json").read_text())
+    return [{**r, "command": job.command} for r in records]
+
+
+def default_threads(jobs: int) -> int:
+    """Threads per run when ``jobs`` runs share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_benchmark(jobs: list[BenchmarkJob], results_json: Path, markdown: Path, title: str,
-                  force: bool = False) -> list[dict]:
-    """Run every job not done (all of them with ``force``); after each, merge its records into the JSON and
-    regenerate the Markdown, so an interruption loses at most the run in progress. Returns the new records."""
-    new = []
+                  force: bool = False, parallel: int = 1) -> list[dict]:
+    """Run every job not done (all of them with ``force``), ``parallel`` at a time; after each, merge its records
+    into the JSON and regenerate the Markdown, so an interruption loses at most the runs in progress. Returns the
+    new records. A failed run (with ``parallel > 1``) does not stop the others; the error is raised at the end."""
+    new: list[dict] = []
     todo = [j for j in jobs if force or not j.done]
-    for i, job in enumerate(todo, start=1):
-        log.info("benchmark %d/%d: %s", i, len(todo), job.command)
-        records = run_job(job)
+
+    def record(records: list[dict]) -> None:
         merged = update_results(results_json, records)
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(results_markdown(merged, title))
-        new += records
+        new.extend(records)
+
+    if parallel <= 1:
+        for i, job in enumerate(todo, start=1):
+            log.info("benchmark %d/%d: %s", i, len(todo), job.command)
+            record(run_job(job))
+    else:
+        failures = []
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            running = {pool.submit(run_job_in_subprocess, job): job for job in todo}
+            log.info("benchmark: %d runs, %d side by side (console output in each RUN_DIR/console.log)",
+                     len(todo), parallel)
+            for future in as_completed(running):
+                job = running[future]
+                try:
+                    records = future.result()
+                except RunFailedError as err:
+                    log.error("benchmark: %s", err)
+                    failures.append(str(err))
+                    continue
+                record(records)
+                log.info("benchmark: done %s (%s)", job.command,
+                         ", ".join(f"{r['checkpoint']} Dice {r['dice']:.2f}" for r in records))
+        if failures:
+            raise RunFailedError(f"{len(failures)} of {len(todo)} benchmark runs failed: " + " | ".join(failures))
     if not todo and results_json.is_file():  # nothing to run: the table is still brought up to date
         markdown.write_text(results_markdown(json.loads(results_json.read_text()), title))
     return new

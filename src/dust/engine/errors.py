@@ -9,3 +9,8 @@ class NonFiniteLossError(RuntimeError):
     The message names the iteration and the loss term(s); ``dust train --resume`` restarts from the last
     good checkpoint (e.g. after lowering ``lr``).
     """
+
+
+class RunFailedError(RuntimeError):
+    """A training run started as a separate process (``dust benchmark --jobs``) exited with an error; the
+    message names the run's command, its last output line and the file holding the rest."""
