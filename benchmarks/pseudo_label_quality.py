@@ -119,8 +119,10 @@ def main() -> None:
                 labels[i] = StagedSelfTraining.label_at_slice_size(label, pool.images[i]).numpy()
 
     result: dict = {"run_dir": str(args.run_dir), "stage1_labeller": snapshots[-1].name}
+    reliable_half: dict[str, set[str]] = {}
     for r in regions:
         order, reliable, unreliable = split_by_uncertainty(torch.cat(uncertainty[r]), cfg["reliable_fraction"])
+        reliable_half[r] = {pool.ids[i] for i in reliable.tolist()}
         row = ranking_quality(order.tolist(), labels, truth, len(classes))
         print(f"region {r}: slice Dice by quarter of the ranking (easiest first) {row['mean_slice_dice_by_quarter']}"
               f"; Spearman(rank, Dice) {row['spearman_rank_vs_dice']}")
@@ -129,12 +131,10 @@ def main() -> None:
         result[f"sample_uncertainty_{r}"] = row
     # the recomputation must reproduce the run's own split (the reliable half it trained stage 1 on)
     region = cfg.get("sample_uncertainty_region", "image")
-    recomputed = result[f"sample_uncertainty_{region}"]
-    _, reliable, _ = split_by_uncertainty(torch.cat(uncertainty[region]), cfg["reliable_fraction"])
     with (args.run_dir / "sample_uncertainty.csv").open() as f:
         run_reliable = {row["image_id"] for row in csv.DictReader(f) if row["subset"] == "reliable"}
-    agree = len(run_reliable & {pool.ids[i] for i in reliable.tolist()}) / max(len(run_reliable), 1)
-    recomputed["reliable_half_shared_with_run_csv"] = round(agree, 4)
+    agree = len(run_reliable & reliable_half[region]) / max(len(run_reliable), 1)
+    result[f"sample_uncertainty_{region}"]["reliable_half_shared_with_run_csv"] = round(agree, 4)
     if agree < 1:
         print(f"warning: only {agree:.1%} of the run's reliable half (sample_uncertainty.csv) is in the recomputed one")
 

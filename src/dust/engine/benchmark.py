@@ -65,10 +65,16 @@ class BenchmarkJob:
     command: str
     done: bool  # its last and best records are already in the results JSON
     config_path: Path  # the config file as it exists here (the command names it relative to the repository)
+    overrides: list[str]  # the command's --set values
 
     @property
     def run_dir(self) -> Path:
         return format_run_dir(self.cfg)
+
+    @property
+    def resumes(self) -> bool:
+        """Its run directory already holds checkpoints (an interrupted earlier attempt): continue it."""
+        return bool(iteration_checkpoints(self.run_dir / "checkpoints"))
 
 
 def _config_file(protocol: Protocol, method: str) -> tuple[Path, Path]:
@@ -99,29 +105,25 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
                      *[f"--set {shlex.quote(o)}" for o in overrides], "--record", shlex.quote(str(record_json))]
                 )
                 done = all(record_key(identity_of(cfg, tag)) in present for tag in ("last", "best"))
-                jobs.append(BenchmarkJob(method, n, seed, cfg, command, done, path))
+                jobs.append(BenchmarkJob(method, n, seed, cfg, command, done, path, overrides))
     return jobs
 
 
 def run_job(job: BenchmarkJob) -> list[dict]:
     """Train and evaluate one combination (resuming its run directory when it holds checkpoints)."""
-    resume = bool(iteration_checkpoints(job.run_dir / "checkpoints"))
-    if resume:
+    if job.resumes:
         log.info("benchmark: %s holds checkpoints; resuming it", job.run_dir)
-    return train(job.cfg, resume=resume, command=job.command)
+    return train(job.cfg, resume=job.resumes, command=job.command)
 
 
 def run_job_in_subprocess(job: BenchmarkJob) -> list[dict]:
     """:func:`run_job` in a ``dust train`` process of its own (console output in ``RUN_DIR/console.log``)."""
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if iteration_checkpoints(run_dir / "checkpoints"):
+    if job.resumes:
         argv = ["train", "--resume", str(run_dir)]  # its config.yaml holds the thread count it started with
     else:  # the job's command without --record (this process records), its config found from any directory
-        words = shlex.split(job.command)[1:]
-        argv = [str(job.config_path) if prev == "--config" else w
-                for prev, w in zip(["", *words[:-1]], words, strict=True)]
-        argv = argv[: argv.index("--record")]
+        argv = ["train", "--config", str(job.config_path), *[a for o in job.overrides for a in ("--set", o)]]
     console = run_dir / "console.log"
     with open(console, "w") as out:
         done = subprocess.run([sys.executable, "-m", "dust", *argv], stdout=out, stderr=subprocess.STDOUT)
