@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from dust.config import resolve_data_dir
 from dust.data.ssl4mis import load_volumes
-from dust.engine.evaluation import evaluate_volumes
+from dust.engine.evaluation import dice_percent, evaluate_volumes
 from dust.engine.workflows import load_trained
 
 
@@ -55,15 +55,12 @@ def main() -> None:
     method, cfg = load_trained(args.checkpoint, torch.device("cpu"))
     volumes = load_volumes(resolve_data_dir(cfg["data_dir"]), args.split, cfg["num_classes"])
     rows = {}
-    for mode in ("running_statistics", "batch_statistics"):
-        if mode == "batch_statistics":
-            with batch_statistics(method.networks):
-                _, summary = evaluate_volumes(method, volumes, cfg, torch.device("cpu"), distances=False)
-        else:
+    modes = {"running_statistics": nullcontext(), "batch_statistics": batch_statistics(method.networks)}
+    for mode, statistics in modes.items():
+        with statistics:
             _, summary = evaluate_volumes(method, volumes, cfg, torch.device("cpu"), distances=False)
-        per_class = {name: round(100 * m["dice"]["mean"], 2) for name, m in summary["per_class"].items()}
-        rows[mode] = {"dice": round(sum(per_class.values()) / len(per_class), 2), "per_class_dice": per_class}
-        print(f"{mode:20s} Dice {rows[mode]['dice']:.2f} {per_class}")
+        rows[mode] = dice_percent(summary)
+        print(f"{mode:20s} Dice {rows[mode]['dice']:.2f} {rows[mode]['per_class_dice']}")
     if args.out:
         args.out.write_text(json.dumps({
             "command": f"python benchmarks/batchnorm_statistics.py {args.checkpoint} --out {args.out}",

@@ -19,7 +19,7 @@ import torch
 
 from dust.config import resolve_data_dir
 from dust.data.ssl4mis import load_volumes
-from dust.engine.evaluation import evaluate_volumes
+from dust.engine.evaluation import dice_percent, evaluate_volumes
 from dust.engine.workflows import load_trained
 
 
@@ -39,10 +39,9 @@ def main() -> None:
     for size in args.sizes:
         _, summary = evaluate_volumes(method, volumes, {**cfg, "patch_size": [size, size]}, torch.device("cpu"),
                                       distances=False)
-        per_class = {name: round(100 * m["dice"]["mean"], 2) for name, m in summary["per_class"].items()}
-        rows.append({"patch_size": size, "trained_at": list(cfg["patch_size"]),
-                     "dice": round(sum(per_class.values()) / len(per_class), 2), "per_class_dice": per_class})
-        print(f"patch {size}x{size} (trained at {cfg['patch_size']}): Dice {rows[-1]['dice']:.2f} {per_class}")
+        rows.append({"patch_size": size, "trained_at": list(cfg["patch_size"]), **dice_percent(summary)})
+        print(f"patch {size}x{size} (trained at {cfg['patch_size']}): Dice {rows[-1]['dice']:.2f} "
+              f"{rows[-1]['per_class_dice']}")
     if args.out:
         args.out.write_text(json.dumps({
             "command": "python benchmarks/inference_patch_size.py " + " ".join(

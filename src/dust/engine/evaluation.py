@@ -41,6 +41,14 @@ def evaluate_volumes(
     return per_case, summarize(per_case)
 
 
+def dice_percent(summary: dict, digits: int = 2) -> dict:
+    """``{"dice": overall, "per_class_dice": {class: mean}}`` from a :func:`summarize` result, Dice in percent."""
+    return {
+        "dice": round(100 * summary["overall"]["dice"]["mean"], digits),
+        "per_class_dice": {name: round(100 * m["dice"]["mean"], digits) for name, m in summary["per_class"].items()},
+    }
+
+
 def write_evaluation(out_dir: Path, tag: str, volumes: list[Volume], per_case: list[dict], summary: dict) -> None:
     """``metrics_<tag>.csv`` (one row per case and class) and ``metrics_<tag>.json`` (the summary)."""
     out_dir.mkdir(parents=True, exist_ok=True)
