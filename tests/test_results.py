@@ -27,6 +27,7 @@ from dust.results import (
 
 # what `bf16: auto` resolves to on this machine (bf16 only where the CPU computes it natively)
 NATIVE_PRECISION = "bf16" if resolve_bf16("auto", "cpu") else "fp32"
+NATIVE_BF16 = "true" if NATIVE_PRECISION == "bf16" else "false"  # as every stored command writes it
 
 
 def _add_records(path: str, seeds: list[int], start) -> None:
@@ -126,7 +127,7 @@ def test_benchmark_dry_run_skips_what_the_json_holds(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "skip  supervised 7p seed 1337" in out and "run   supervised 7p seed 4242" in out
     assert (f"dust train --config configs/acdc/supervised.yaml --set labeled_patients=7 --set seed=4242 "
-            f"--record {results}") in out
+            f"--set bf16={NATIVE_BF16} --record {results}") in out
     assert "1 to run, 1 skipped" in out
     assert not (tmp_path / "README.md").exists()  # a dry run writes nothing
 
@@ -159,7 +160,7 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     # each record carries the one `dust train` command that reproduces it
     assert {r["command"] for r in stored} == {
         f"dust train --config {configs / 'supervised.yaml'} --set labeled_patients=2 --set seed=5 "
-        f"--record {protocol.results_json}"}
+        f"--set bf16={NATIVE_BF16} --record {protocol.results_json}"}
     row = f"| supervised | 2 | 6, val, {NATIVE_PRECISION}, bilinear, bilinear | 5 | 1 |"
     assert row in protocol.results_markdown.read_text()
     assert (tmp_path / "runs" / "supervised_2p_seed5" / "report.html").is_file()
@@ -183,7 +184,7 @@ def test_benchmark_jobs_side_by_side_record_every_run_and_report_a_failed_one(tm
     assert sorted((r["seed"], r["checkpoint"]) for r in stored) == [(5, "best"), (5, "last"), (6, "best"), (6, "last")]
     assert {r["command"] for r in stored} == {
         f"dust train --config {configs / 'supervised.yaml'} --set labeled_patients=2 --set seed={s} --set threads=1 "
-        f"--record {protocol.results_json}" for s in (5, 6)}
+        f"--set bf16={NATIVE_BF16} --record {protocol.results_json}" for s in (5, 6)}
     assert "| supervised | 2 |" in protocol.results_markdown.read_text()
     # the failed run names its problem in its own console log
     assert "missing" in (tmp_path / "runs" / "mean_teacher_2p_seed5" / "console.log").read_text()
@@ -204,3 +205,14 @@ def test_runs_recording_at_the_same_time_lose_no_record(tmp_path: Path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     assert sorted(r["seed"] for r in json.loads(path.read_text())) == list(range(160))
+
+
+def test_every_stored_command_names_the_precision_it_ran_at(tmp_path: Path):
+    # `bf16: auto` picks bf16 or fp32 per machine: a stored command must say which, or it repeats another number
+    auto = {**_record(1, 60.0), "command": "dust train --config c.yaml --set seed=1 --record r.json"}
+    explicit = {**_record(2, 60.0), "command": "dust train --config c.yaml --set bf16=true --set seed=2"}
+    fp32 = {**_record(3, 60.0), "precision": "fp32", "command": "dust train --config c.yaml --set seed=3"}
+    stored = {r["seed"]: r["command"] for r in update_results(tmp_path / "r.json", [auto, explicit, fp32])}
+    assert stored[1] == "dust train --config c.yaml --set seed=1 --set bf16=true --record r.json"
+    assert stored[2] == explicit["command"]
+    assert stored[3] == "dust train --config c.yaml --set seed=3 --set bf16=false"

@@ -7,6 +7,7 @@ overall and per-class metrics (Dice/Jaccard in percent, HD95/ASD in voxels), tra
 from __future__ import annotations
 
 import json
+import shlex
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,8 +78,26 @@ def make_record(cfg: dict[str, Any], summary: dict, checkpoint: str, train_secon
     return record
 
 
+def pin_precision(command: str, precision: str) -> str:
+    """``command`` with the precision it ran at written out (``--set bf16=true|false``) unless it already says.
+
+    ``bf16: auto`` resolves per machine (bf16 on a CPU with native bf16, fp32 on an AVX2-only one), so a command
+    that leaves it to ``auto`` would reproduce a record at another precision elsewhere. The override goes before
+    ``--record`` so the command still reads in the usual order.
+    """
+    tokens = shlex.split(command)
+    if not command or any(t.startswith(("bf16=", "--set=bf16=")) for t in tokens):
+        return command
+    pin = f"--set bf16={'true' if precision == 'bf16' else 'false'}"
+    head, sep, tail = command.partition(" --record ")
+    return f"{head} {pin}{sep}{tail}"
+
+
 def update_results(path: Path, records: list[dict]) -> list[dict]:
     """Add records to a results JSON, replacing earlier records with the same identity.
+
+    Every command in the file names its precision (:func:`pin_precision`), also those of records written
+    before dust did that.
 
     Runs finishing at the same moment (several seeds side by side) take turns through a lock file, and the
     JSON is replaced atomically, so no record is lost and a reader never sees half a file.
@@ -88,7 +107,7 @@ def update_results(path: Path, records: list[dict]) -> list[dict]:
         existing = json.loads(path.read_text()) if path.is_file() else []
         keys = {record_key(r) for r in records}
         kept = [r for r in existing if record_key(r) not in keys]
-        merged = kept + records
+        merged = [{**r, "command": pin_precision(r["command"], r["precision"])} for r in kept + records]
         merged.sort(key=lambda r: tuple(str(r.get(k)) for k in IDENTITY))
         atomic_write_text(json.dumps(merged, indent=1) + "\n", path)
     return merged
