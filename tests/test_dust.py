@@ -207,9 +207,11 @@ def test_pseudo_labels_never_come_from_unlabelled_ground_truth(phantom_root: Pat
         assert pseudo.shape == fake.shape and (pseudo == fake).float().mean() < 0.5
 
 
-def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: Path):
+@pytest.mark.parametrize("recalibration", [0, 2])
+def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: Path, recalibration: int):
     # 20 iterations: pretrain 0-8, stage1 8-14, stage2 14-20; checkpoints at 8, 16, 20 (the last two kept)
-    kw = dict(method="dust", val_every=8)
+    # (with BatchNorm recalibration, the pseudo-labels of stage 1 come from the recalibrated teacher)
+    kw = dict(method="dust", val_every=8, batchnorm_recalibration_batches=recalibration)
     full = Trainer(tiny_cfg(run_dir=str(tmp_path / "full"), **kw))
     full.fit()
     cut = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))

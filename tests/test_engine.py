@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import textwrap
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from dust.config import ConfigError
+from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import iteration_checkpoints, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer
 from dust.engine.workflows import full_config, train
@@ -36,7 +39,9 @@ def test_same_config_and_seed_gives_the_same_weights(tiny_cfg, tmp_path: Path):
     assert a.history == b.history
 
 
-def test_resume_continues_from_the_saved_iteration_and_matches(tiny_cfg, tmp_path: Path):
+@pytest.mark.parametrize("recalibration", [0, 3])
+def test_resume_continues_from_the_saved_iteration_and_matches(tiny_cfg, tmp_path: Path, recalibration: int):
+    tiny_cfg = functools.partial(tiny_cfg, batchnorm_recalibration_batches=recalibration)
     full = Trainer(tiny_cfg(run_dir=str(tmp_path / "full")))
     full.fit()
     interrupted = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), iterations=20))
@@ -50,7 +55,34 @@ def test_resume_continues_from_the_saved_iteration_and_matches(tiny_cfg, tmp_pat
     resumed.fit()
     assert resumed.iteration == 20
     wf, wr = _weights(full), _weights(resumed)
-    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)  # running statistics included
+    assert full.history[-1] == resumed.history[-1]  # the same validation Dice at the end
+
+
+def test_batchnorm_recalibration_changes_what_eval_sees_and_nothing_that_trains(tiny_cfg, tmp_path: Path):
+    # heavy dropout: the train-time and test-time activation statistics differ
+    heavy = {"dropout": [0.5] * 5, "iterations": 20}
+    plain = Trainer(tiny_cfg(run_dir=str(tmp_path / "plain"), **heavy))
+    plain.fit()
+    recalibrated = Trainer(tiny_cfg(run_dir=str(tmp_path / "recal"), batchnorm_recalibration_batches=4, **heavy))
+    recalibrated.fit()
+    wp, wr = _weights(plain), _weights(recalibrated)
+    learned = [k for k in wp if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(wp[k], wr[k]) for k in learned)  # the same training draws, the same weights
+    assert not torch.equal(wp["encoder.blocks.4.5.running_var"], wr["encoder.blocks.4.5.running_var"])
+
+    # the bottleneck's second BatchNorm now holds the statistics of its input with dropout off
+    net = recalibrated.method.networks["model"]
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 1, 32, 32) for _ in range(3)]
+    seen = []
+    hook = net.encoder.blocks[4][5].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    recalibrate_batchnorm(recalibrated.method, batches, contextlib.nullcontext())
+    hook.remove()
+    bn = net.encoder.blocks[4][5]
+    by_batch = torch.stack([x.mean((0, 2, 3)) for x in seen])
+    assert torch.allclose(bn.running_mean, by_batch.mean(0), atol=1e-5)  # the plain average over the batches
+    assert not net.training and not bn.training  # left in eval mode
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_cfg):

@@ -78,6 +78,9 @@ def test_a_changed_method_option_is_its_own_record_and_row(tmp_path: Path):
     assert identity_of(cfg, "last")["options"] == ""
     variant = identity_of({**cfg, "restart_lr_per_stage": False}, "last")
     assert variant["options"] == "restart_lr_per_stage=False"
+    # an engine option that changes the numbers is part of the identity too
+    recalibrated = identity_of({**cfg, "batchnorm_recalibration_batches": 50}, "last")
+    assert recalibrated["options"] == "batchnorm_recalibration_batches=50"
     default_run = {**_record(1, 40.0), **identity_of(cfg, "last")}
     variant_run = {**_record(1, 70.0), **variant}
     path = tmp_path / "r.json"

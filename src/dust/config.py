@@ -54,6 +54,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     "val_every": 200,
     "log_every": 20,
     "keep_checkpoints": 2,
+    # Before each validation (and so before a stage's pseudo-labels are made from that checkpoint), re-estimate
+    # the BatchNorm running statistics over this many training batches with dropout off (dust.engine.batchnorm).
+    # 0: off, eval mode uses the momentum averages kept in training (SSL4MIS, the paper).
+    "batchnorm_recalibration_batches": 0,
     # bf16 autocast: auto | true | false. auto = on where the hardware computes bf16 natively (a CUDA GPU with
     # bf16, a CPU with AVX512-BF16/AMX); on other CPUs (e.g. AVX2 only) PyTorch emulates bf16 and a training step
     # is 12-18x slower than fp32 (docs/results/step_speed_avx2.json). The resolved value is what the run records.

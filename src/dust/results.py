@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dust.config import BASE_DEFAULTS
 from dust.engine.checkpoint import atomic_write_text
 from dust.methods import get_method
 
@@ -24,6 +25,8 @@ IDENTITY = (
     "method", "labeled_patients", "seed", "iterations", "split", "checkpoint", "precision", "resize", "decoder",
     "options",
 )
+# Engine keys that change a run's numbers without being one of the identity's own columns.
+NUMBER_CHANGING_ENGINE_OPTIONS = ("batchnorm_recalibration_batches",)
 _METRICS = (("dice", 100.0), ("jaccard", 100.0), ("hd95_vox", 1.0), ("asd_vox", 1.0))
 
 
@@ -50,12 +53,14 @@ def decoder_of(cfg: dict[str, Any]) -> str:
 
 
 def options_of(cfg: dict[str, Any]) -> str:
-    """The method's own options (its ``defaults``) that the run changed, e.g. ``restart_lr_per_stage=False``.
+    """The method's own options (its ``defaults``) and the engine options of NUMBER_CHANGING_ENGINE_OPTIONS that
+    the run changed, e.g. ``restart_lr_per_stage=False``.
 
-    Empty for a run at the method's defaults. Part of the identity, so an ablation never replaces (or is averaged
+    Empty for a run at the defaults. Part of the identity, so an ablation never replaces (or is averaged
     with) the default method's record.
     """
-    defaults = get_method(str(cfg["method"])).defaults
+    defaults = {**{k: BASE_DEFAULTS[k] for k in NUMBER_CHANGING_ENGINE_OPTIONS},
+                **get_method(str(cfg["method"])).defaults}
     return " ".join(f"{k}={cfg[k]}" for k in sorted(defaults) if k in cfg and cfg[k] != defaults[k])
 
 

@@ -28,6 +28,7 @@ from dust.config import dump_config, format_run_dir, resolve_data_dir
 from dust.data import TrainingData, load_training_data
 from dust.data.sampler import TwoStreamSampler
 from dust.engine import distributed
+from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import (
     atomic_save,
     check_compatible,
@@ -351,7 +352,28 @@ class Trainer:
         distributed.barrier()  # rank 0's last checkpoint and best.pt are on disk before any rank reads them
         return {"best": self.best, "last_dice": self.history[-1]["dice"] if self.history else None}
 
+    def recalibrate_batchnorm(self) -> None:
+        """BatchNorm running statistics from ``batchnorm_recalibration_batches`` fresh batches of the images the
+        method trains on now (labelled, plus the unlabelled pool once it uses it), dropout off. The batches come
+        from a sampler of their own, seeded by the iteration, so training draws and resumes exactly as without."""
+        source = TwoStreamSampler(
+            self.data.labeled, self.data.unlabeled, self.cfg["batch_size"], self.cfg["unlabeled_batch_size"],
+            tuple(self.cfg["patch_size"]), int(self.cfg["seed"]) * 1_000_003 + self.iteration + self.ranks.rank,
+            self.cfg["augment_rot_flip"], self.cfg["augment_rotate_deg"], self.cfg["image_interpolation"],
+        )
+        with_unlabeled = self.method.uses_unlabeled and self.data.unlabeled is not None
+        batches = []
+        for _ in range(int(self.cfg["batchnorm_recalibration_batches"])):
+            drawn = source.next(with_unlabeled)
+            x = torch.cat([drawn["x_l"], drawn["x_u"]]) if with_unlabeled else drawn["x_l"]
+            batches.append(self.to_device(x))
+        recalibrate_batchnorm(self.method, batches, self.autocast())
+        if self.ranks.enabled:  # every rank evaluates and checkpoints rank 0's statistics
+            distributed.broadcast_buffers(self.method.networks)
+
     def _validate_and_checkpoint(self, span: StageSpan) -> None:
+        if self.cfg["batchnorm_recalibration_batches"]:
+            self.recalibrate_batchnorm()
         dice = self.validate()
         self.history.append({"iteration": self.iteration, "dice": dice, "stage": span.stage.name})
         self.scalars({"val/dice": dice})
