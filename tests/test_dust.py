@@ -207,6 +207,13 @@ def test_pseudo_labels_never_come_from_unlabelled_ground_truth(phantom_root: Pat
         assert pseudo.shape == fake.shape and (pseudo == fake).float().mean() < 0.5
 
 
+def test_batchnorm_recalibration_inside_stage1_draws_only_pseudo_labelled_slices(tiny_cfg):
+    # a validation inside stage 1, where only the reliable half of the pool has pseudo-labels
+    trainer = Trainer(tiny_cfg(method="dust", iterations=20, val_every=2, batchnorm_recalibration_batches=4))
+    trainer.fit()
+    assert {"pretrain", "stage1", "stage2"} <= {h["stage"] for h in trainer.history}
+
+
 @pytest.mark.parametrize("recalibration", [0, 2])
 def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: Path, recalibration: int):
     # 20 iterations: pretrain 0-8, stage1 8-14, stage2 14-20; checkpoints at 8, 16, 20 (the last two kept)

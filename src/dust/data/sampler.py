@@ -59,6 +59,11 @@ class TwoStreamSampler:
         self.labeled_stream = _Stream(len(labeled))
         self.unlabeled_stream = _Stream(len(unlabeled) if unlabeled is not None else 0)
 
+    @property
+    def unlabeled_indices(self) -> torch.Tensor:
+        """The pool indices the unlabelled stream draws from."""
+        return self.unlabeled_stream.indices
+
     def set_unlabeled_indices(self, indices: list[int] | torch.Tensor) -> None:
         """Restrict the unlabelled stream to a subset of the pool (e.g. DUST's reliable half)."""
         self.unlabeled_stream.indices = torch.as_tensor(indices, dtype=torch.long)

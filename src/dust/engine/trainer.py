@@ -354,7 +354,7 @@ class Trainer:
 
     def recalibrate_batchnorm(self) -> None:
         """BatchNorm running statistics from ``batchnorm_recalibration_batches`` fresh batches of the images the
-        method trains on now (labelled, plus the unlabelled pool once it uses it), dropout off. The batches come
+        method trains on now (labelled, plus the part of the unlabelled pool it uses), dropout off. The batches come
         from a sampler of their own, seeded by the iteration, so training draws and resumes exactly as without."""
         source = TwoStreamSampler(
             self.data.labeled, self.data.unlabeled, self.cfg["batch_size"], self.cfg["unlabeled_batch_size"],
@@ -362,6 +362,8 @@ class Trainer:
             self.cfg["augment_rot_flip"], self.cfg["augment_rotate_deg"], self.cfg["image_interpolation"],
         )
         with_unlabeled = self.method.uses_unlabeled and self.data.unlabeled is not None
+        if with_unlabeled:  # the part of the pool in use now (e.g. DUST's reliable half: the rest has no labels yet)
+            source.set_unlabeled_indices(self.sampler.unlabeled_indices)
         batches = []
         for _ in range(int(self.cfg["batchnorm_recalibration_batches"])):
             drawn = source.next(with_unlabeled)
