@@ -168,3 +168,14 @@ def test_bf16_auto_follows_the_hardware_and_explicit_values_win(monkeypatch):
     assert full_config({"method": "supervised", "bf16": False})["bf16"] is False
     with pytest.raises(ConfigError, match="bf16: expected auto, true or false, got 'yes'"):
         full_config({"method": "supervised", "bf16": "yes"})
+
+
+def test_batchnorm_recalibration_leaves_networks_that_predict_does_not_use(tiny_cfg):
+    trainer = Trainer(tiny_cfg(method="cps", iterations=4, val_every=4))  # predicts with "model" only
+    trainer.fit()
+    def stats(name: str) -> list[torch.Tensor]:
+        return [b.clone() for k, b in trainer.method.networks[name].state_dict().items() if "running" in k]
+    before_model, before_model2 = stats("model"), stats("model2")
+    recalibrate_batchnorm(trainer.method, [torch.rand(4, 1, 32, 32)], contextlib.nullcontext())
+    assert all(torch.equal(a, b) for a, b in zip(before_model2, stats("model2"), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before_model, stats("model"), strict=True))

@@ -33,10 +33,12 @@ def recalibrate_batchnorm(method: Method, batches: list[torch.Tensor], autocast:
 
     Runs ``method.predict`` (the forward used for validation and inference) on each batch with the networks in
     eval mode except BatchNorm; ``dropout=True`` keeps dropout active too (then the estimate reproduces the
-    training-time statistics, for diagnosis). Leaves the networks in eval mode.
+    training-time statistics, for diagnosis). BatchNorm layers the forward does not reach keep their statistics.
+    Leaves the networks in eval mode.
     """
     layers = batchnorm_layers(method.networks)
     momenta = [m.momentum for m in layers]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
     for net in method.networks.values():
         net.eval()
         if dropout:
@@ -50,7 +52,11 @@ def recalibrate_batchnorm(method: Method, batches: list[torch.Tensor], autocast:
     with autocast:
         for x in batches:
             method.predict(x)
-    for m, momentum in zip(layers, momenta, strict=True):
+    for m, momentum, (mean, var, count) in zip(layers, momenta, saved, strict=True):
         m.momentum = momentum
+        if int(m.num_batches_tracked) == 0:  # a network predict does not use (e.g. CPS's second): left as it was
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
     for net in method.networks.values():
         net.eval()
