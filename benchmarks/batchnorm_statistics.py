@@ -80,10 +80,8 @@ def main() -> None:
     method, cfg = load_trained(args.checkpoint, torch.device("cpu"))
     cfg = {**cfg, "val_split": args.split}
     data = load_training_data(cfg, resolve_data_dir(cfg["data_dir"]))
-    sampler = TwoStreamSampler(  # seed 0: not the run's own draws, the same kind of batches
-        data.labeled, data.unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"], tuple(cfg["patch_size"]), 0,
-        cfg["augment_rot_flip"], cfg["augment_rotate_deg"], cfg["image_interpolation"],
-    )
+    # seed 0: not the run's own draws, the same kind of batches
+    sampler = TwoStreamSampler.from_config(data.labeled, data.unlabeled, cfg, 0)
     batches = [torch.cat([b["x_l"], b["x_u"]]) for b in (sampler.next(True) for _ in range(args.batches))]
     bf16 = bool(cfg["bf16"])
     modes = {

@@ -39,11 +39,16 @@ def identity_of(cfg: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         "iterations": int(cfg["iterations"]),
         "split": cfg["val_split"],
         "checkpoint": checkpoint,
-        "precision": "bf16" if cfg["bf16"] else "fp32",
+        "precision": precision_of(cfg),
         "resize": cfg["image_interpolation"],
         "decoder": decoder_of(cfg),
         "options": options_of(cfg),
     }
+
+
+def precision_of(cfg: dict[str, Any]) -> str:
+    """``bf16`` or ``fp32``: what a resolved config trains and evaluates in."""
+    return "bf16" if cfg["bf16"] else "fp32"
 
 
 def decoder_of(cfg: dict[str, Any]) -> str:

@@ -59,6 +59,13 @@ class TwoStreamSampler:
         self.labeled_stream = _Stream(len(labeled))
         self.unlabeled_stream = _Stream(len(unlabeled) if unlabeled is not None else 0)
 
+    @classmethod
+    def from_config(cls, labeled: SliceSet, unlabeled: SliceSet | None, cfg: dict[str, Any],
+                    seed: int) -> TwoStreamSampler:
+        """A sampler with a resolved config's batch sizes, patch size and augmentation."""
+        return cls(labeled, unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"], tuple(cfg["patch_size"]),
+                   seed, cfg["augment_rot_flip"], cfg["augment_rotate_deg"], cfg["image_interpolation"])
+
     @property
     def unlabeled_indices(self) -> torch.Tensor:
         """The pool indices the unlabelled stream draws from."""

@@ -28,7 +28,7 @@ from dust.config import ConfigError, format_run_dir, load_config
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.errors import RunFailedError
 from dust.engine.workflows import full_config, train
-from dust.results import identity_of, pin_precision, record_key, results_markdown, update_results
+from dust.results import identity_of, pin_precision, precision_of, record_key, results_markdown, update_results
 
 log = logging.getLogger("dust")
 
@@ -103,7 +103,7 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
                 command = pin_precision(" ".join(
                     ["dust train --config", shlex.quote(str(written)),
                      *[f"--set {shlex.quote(o)}" for o in overrides], "--record", shlex.quote(str(record_json))]
-                ), identity_of(cfg, "last")["precision"])
+                ), precision_of(cfg))
                 done = all(record_key(identity_of(cfg, tag)) in present for tag in ("last", "best"))
                 jobs.append(BenchmarkJob(method, n, seed, cfg, command, done, path, overrides))
     return jobs

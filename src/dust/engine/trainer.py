@@ -147,7 +147,8 @@ class Trainer:
         distributed.prepare_networks(self.method, cfg, self.ranks, self.device)
         if self.ranks.enabled:
             torch.manual_seed(int(cfg["seed"]) + self.ranks.rank)  # different dropout masks per rank
-        self.sampler = self._make_sampler(int(cfg["seed"]) + self.ranks.rank)
+        self.sampler = TwoStreamSampler.from_config(self.data.labeled, self.data.unlabeled, cfg,
+                                                    int(cfg["seed"]) + self.ranks.rank)
         self.optimizer = self._make_optimizer()
         self.spans = _stage_spans(self.method.stages())
         self.total_iterations = self.spans[-1].end
@@ -162,14 +163,6 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ helpers for methods
-    def _make_sampler(self, seed: int) -> TwoStreamSampler:
-        cfg = self.cfg
-        return TwoStreamSampler(
-            self.data.labeled, self.data.unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"],
-            tuple(cfg["patch_size"]), seed, cfg["augment_rot_flip"], cfg["augment_rotate_deg"],
-            cfg["image_interpolation"],
-        )
-
     def _make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             self.method.parameters(), lr=self.cfg["lr"], momentum=self.cfg["momentum"],
@@ -360,7 +353,8 @@ class Trainer:
         """BatchNorm running statistics from ``batchnorm_recalibration_batches`` fresh batches of the images the
         method trains on now (labelled, plus the part of the unlabelled pool it uses), dropout off. The batches come
         from a sampler of their own, seeded by the iteration, so training draws and resumes exactly as without."""
-        source = self._make_sampler(int(self.cfg["seed"]) * 1_000_003 + self.iteration + self.ranks.rank)
+        source = TwoStreamSampler.from_config(self.data.labeled, self.data.unlabeled, self.cfg,
+                                              int(self.cfg["seed"]) * 1_000_003 + self.iteration + self.ranks.rank)
         with_unlabeled = self.method.uses_unlabeled and self.data.unlabeled is not None
         if with_unlabeled:  # the part of the pool in use now (e.g. DUST's reliable half: the rest has no labels yet)
             source.set_unlabeled_indices(self.sampler.unlabeled_indices)

@@ -21,7 +21,7 @@ from dust.engine.evaluation import evaluate_volumes, write_evaluation
 from dust.engine.trainer import Trainer, build_method, pick_device
 from dust.methods import get_method
 from dust.metrics import case_metrics, summarize
-from dust.results import identity_of, make_record, pin_precision
+from dust.results import make_record, pin_precision, precision_of
 
 log = logging.getLogger("dust")
 
@@ -79,7 +79,7 @@ def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
     command = pin_precision(_command_of_record(trainer.run_dir, command, resume, trainer.is_main),
-                            identity_of(cfg, "last")["precision"])
+                            precision_of(cfg))
     trainer.fit()
     records = []
     for tag in ("last", "best"):
