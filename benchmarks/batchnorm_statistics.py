@@ -59,7 +59,8 @@ def recomputed_statistics(method, batches: list[torch.Tensor], dropout: bool, bf
     """:func:`recalibrate_batchnorm` over ``batches``, dropout on or off; the weights and buffers are restored
     afterwards."""
     saved = {k: copy.deepcopy(net.state_dict()) for k, net in method.networks.items()}
-    recalibrate_batchnorm(method, batches, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), dropout)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    recalibrate_batchnorm(method.networks, method.predict, batches, autocast, dropout)
     try:
         yield
     finally:

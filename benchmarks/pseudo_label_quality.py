@@ -11,6 +11,11 @@ that are worse than its own validation Dice can only copy their errors. Two sets
 Dice is pooled over slices per class (sum of overlaps over sum of sizes), for all labelled slices of a set and for
 those a run with ``skip_empty_pseudo_labels`` trains on (pseudo-label not background only).
 
+``--recalibrate-batches N`` (for runs with ``batchnorm_recalibration_batches``): the stage-1 labels come from the
+last snapshot with its BatchNorm statistics re-estimated over N labelled training batches (dropout off), as such a
+run's teacher labels, and every ranking is scored twice, from the snapshots as saved (what the run ranked with)
+and from the snapshots recalibrated the same way (``snapshot_batchnorm_recalibration``).
+
     DUST_DATA=../shared/data python benchmarks/pseudo_label_quality.py runs/acdc/dust_7p_seed1337_fixes \
         [--out docs/results/dust_7p_seed1337_fixes_pseudo_label_quality.json]
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import h5py
@@ -29,7 +35,9 @@ from scipy.stats import spearmanr
 
 from dust.config import resolve_data_dir
 from dust.data import load_training_data
+from dust.data.sampler import TwoStreamSampler
 from dust.data.transforms import resize_image
+from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint
 from dust.engine.predict import load_for_inference
 from dust.methods.staged import StagedSelfTraining
@@ -88,6 +96,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recalibrate-batches", type=int, default=0, metavar="N",
+                        help="also rank with BatchNorm-recalibrated snapshots; label with the recalibrated last one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -95,7 +105,17 @@ def main() -> None:
     methods = [load_for_inference(path) for path in snapshots]
     cfg = methods[-1][1]
     root = resolve_data_dir(cfg["data_dir"])
-    pool = load_training_data(cfg, root).unlabeled
+    data = load_training_data(cfg, root)
+    pool = data.unlabeled
+    versions = {"": methods}  # key: suffix of the result names
+    if args.recalibrate_batches:
+        # seed 0: not the run's own draws, the same kind of batches (labelled only, as pre-training sees)
+        sampler = TwoStreamSampler.from_config(data.labeled, data.unlabeled, cfg, 0)
+        batches = [sampler.next(False)["x_l"] for _ in range(args.recalibrate_batches)]
+        versions["_recalibrated"] = [load_for_inference(path) for path in snapshots]
+        for method, _ in versions["_recalibrated"]:
+            recalibrate_batchnorm(method.networks, method.predict, batches, nullcontext())
+    labeller = list(versions.values())[-1][-1][0]
     truth = []
     for slice_id in pool.ids:
         with h5py.File(root / "data" / f"{slice_id}.h5", "r") as f:
@@ -106,21 +126,23 @@ def main() -> None:
     # give the sample uncertainty (Eq. 1), over the whole image (the paper) and over predicted foreground
     labels: dict[int, np.ndarray] = {}
     regions = ("image", "foreground")
-    uncertainty: dict[str, list[torch.Tensor]] = {r: [] for r in regions}
+    uncertainty: dict[str, list[torch.Tensor]] = {r + v: [] for r in regions for v in versions}
     size = tuple(cfg["patch_size"])
     with torch.inference_mode():
         for start in range(0, len(pool.ids), 64):
             idx = list(range(start, min(start + 64, len(pool.ids))))
             x = torch.cat([resize_image(pool.images[i][None], size, cfg["image_interpolation"]) for i in idx])
-            probs = [torch.softmax(method.predict(x).float(), 1) for method, _ in methods]
-            for r in regions:
-                uncertainty[r].append(sample_uncertainty(probs, region=r))
-            for i, label in zip(idx, probs[-1].argmax(1), strict=True):
+            for v, snapshot_methods in versions.items():
+                probs = [torch.softmax(method.predict(x).float(), 1) for method, _ in snapshot_methods]
+                for r in regions:
+                    uncertainty[r + v].append(sample_uncertainty(probs, region=r))
+            for i, label in zip(idx, labeller.predict(x).argmax(1), strict=True):
                 labels[i] = StagedSelfTraining.label_at_slice_size(label, pool.images[i]).numpy()
 
-    result: dict = {"run_dir": str(args.run_dir), "stage1_labeller": snapshots[-1].name}
+    result: dict = {"run_dir": str(args.run_dir), "stage1_labeller": snapshots[-1].name,
+                    "recalibrate_batches": args.recalibrate_batches}
     reliable_half: dict[str, set[str]] = {}
-    for r in regions:
+    for r in uncertainty:
         order, reliable, unreliable = split_by_uncertainty(torch.cat(uncertainty[r]), cfg["reliable_fraction"])
         reliable_half[r] = {pool.ids[i] for i in reliable.tolist()}
         row = ranking_quality(order.tolist(), labels, truth, len(classes))

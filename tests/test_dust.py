@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import shutil
@@ -15,6 +16,7 @@ import torch
 from dust.config import ConfigError
 from dust.data.ssl4mis import read_list, split_by_patients
 from dust.data.transforms import resize_image
+from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.trainer import Trainer
 from dust.losses import dice_loss, uncertainty_rectified_loss
@@ -212,6 +214,41 @@ def test_batchnorm_recalibration_inside_stage1_draws_only_pseudo_labelled_slices
     trainer = Trainer(tiny_cfg(method="dust", iterations=20, val_every=2, batchnorm_recalibration_batches=4))
     trainer.fit()
     assert {"pretrain", "stage1", "stage2"} <= {h["stage"] for h in trainer.history}
+
+
+def test_snapshot_batchnorm_recalibration_ranks_the_pool_with_test_time_statistics(tiny_cfg, tmp_path: Path):
+    kw = dict(method="st_ss", iterations=10, val_every=10, batchnorm_recalibration_batches=3)
+    plain = Trainer(tiny_cfg(run_dir=str(tmp_path / "plain"), **kw))
+    plain.fit()
+    recal = Trainer(tiny_cfg(run_dir=str(tmp_path / "recal"), snapshot_batchnorm_recalibration=True, **kw))
+    recal.fit()
+    # pre-training and its snapshot files are the same; only the ranking's statistics differ
+    for k in (1, 2, 3):
+        saved = [torch.load(t.ckpt_dir / f"pretrain_k{k}.pt") for t in (plain, recal)]
+        assert all(torch.equal(saved[0][n], saved[1][n]) for n in saved[0])
+    assert not torch.equal(plain.method.uncertainty, recal.method.uncertainty)
+    # Eq. 1 by hand from the snapshots, each recalibrated over labelled batches as at the start of stage 1
+    recal.iteration, recal.method.uses_unlabeled = recal.method.stages()[0].iterations, False
+    batches = recal.recalibration_batches()
+    assert len(batches) == 3 and all(len(b) == 4 for b in batches)  # labelled only: what pre-training draws
+    probs = []
+    for k in (1, 2, 3):
+        net = copy.deepcopy(recal.method.networks["model"])
+        net.load_state_dict(torch.load(recal.ckpt_dir / f"pretrain_k{k}.pt"))
+        recalibrate_batchnorm({"model": net}, net, batches, recal.autocast())
+        with torch.inference_mode(), recal.autocast():
+            probs.append(torch.softmax(net.forward_main(_pool_at_patch(recal)).float(), 1))
+    assert torch.allclose(recal.method.uncertainty, sample_uncertainty(probs), rtol=1e-5, atol=0)
+
+
+def test_snapshot_batchnorm_recalibration_needs_recalibration_batches(tiny_cfg):
+    with pytest.raises(ConfigError, match="batchnorm_recalibration_batches"):
+        Trainer(tiny_cfg(method="dust", snapshot_batchnorm_recalibration=True))
+
+
+def _pool_at_patch(trainer: Trainer) -> torch.Tensor:
+    pool, size = trainer.data.unlabeled, tuple(trainer.cfg["patch_size"])
+    return torch.cat([resize_image(image[None], size, trainer.cfg["image_interpolation"]) for image in pool.images])
 
 
 @pytest.mark.parametrize("recalibration", [0, 2])

@@ -77,7 +77,7 @@ def test_batchnorm_recalibration_changes_what_eval_sees_and_nothing_that_trains(
     batches = [torch.rand(4, 1, 32, 32) for _ in range(3)]
     seen = []
     hook = net.encoder.blocks[4][5].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
-    recalibrate_batchnorm(recalibrated.method, batches, contextlib.nullcontext())
+    recalibrate_batchnorm(recalibrated.method.networks, recalibrated.method.predict, batches, contextlib.nullcontext())
     hook.remove()
     bn = net.encoder.blocks[4][5]
     by_batch = torch.stack([x.mean((0, 2, 3)) for x in seen])
@@ -176,6 +176,7 @@ def test_batchnorm_recalibration_leaves_networks_that_predict_does_not_use(tiny_
     def stats(name: str) -> list[torch.Tensor]:
         return [b.clone() for k, b in trainer.method.networks[name].state_dict().items() if "running" in k]
     before_model, before_model2 = stats("model"), stats("model2")
-    recalibrate_batchnorm(trainer.method, [torch.rand(4, 1, 32, 32)], contextlib.nullcontext())
+    method = trainer.method
+    recalibrate_batchnorm(method.networks, method.predict, [torch.rand(4, 1, 32, 32)], contextlib.nullcontext())
     assert all(torch.equal(a, b) for a, b in zip(before_model2, stats("model2"), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(before_model, stats("model"), strict=True))

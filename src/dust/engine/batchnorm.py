@@ -12,14 +12,11 @@ re-estimates them after training. It reads images only, never labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from dust.methods.base import Method
 
 
 def batchnorm_layers(networks: dict[str, nn.Module]) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -27,19 +24,20 @@ def batchnorm_layers(networks: dict[str, nn.Module]) -> list[nn.modules.batchnor
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(method: Method, batches: list[torch.Tensor], autocast: AbstractContextManager,
+def recalibrate_batchnorm(networks: dict[str, nn.Module], forward: Callable[[torch.Tensor], object],
+                          batches: list[torch.Tensor], autocast: AbstractContextManager,
                           dropout: bool = False) -> None:
-    """Re-estimate every BatchNorm layer's running mean / variance of ``method``'s networks from ``batches``.
+    """Re-estimate the running mean / variance of every BatchNorm layer in ``networks`` from ``batches``.
 
-    Runs ``method.predict`` (the forward used for validation and inference) on each batch with the networks in
-    eval mode except BatchNorm; ``dropout=True`` keeps dropout active too (then the estimate reproduces the
-    training-time statistics, for diagnosis). BatchNorm layers the forward does not reach keep their statistics.
-    Leaves the networks in eval mode.
+    Runs ``forward`` on each batch (for a method: ``method.predict``, the forward of validation and inference)
+    with the networks in eval mode except BatchNorm; ``dropout=True`` keeps dropout active too (then the estimate
+    reproduces the training-time statistics, for diagnosis). BatchNorm layers the forward does not reach keep
+    their statistics. Leaves the networks in eval mode.
     """
-    layers = batchnorm_layers(method.networks)
+    layers = batchnorm_layers(networks)
     momenta = [m.momentum for m in layers]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
-    for net in method.networks.values():
+    for net in networks.values():
         net.eval()
         if dropout:
             for m in net.modules():
@@ -51,12 +49,12 @@ def recalibrate_batchnorm(method: Method, batches: list[torch.Tensor], autocast:
         m.train()
     with autocast:
         for x in batches:
-            method.predict(x)
+            forward(x)
     for m, momentum, (mean, var, count) in zip(layers, momenta, saved, strict=True):
         m.momentum = momentum
         if int(m.num_batches_tracked) == 0:  # a network predict does not use (e.g. CPS's second): left as it was
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(count)
-    for net in method.networks.values():
+    for net in networks.values():
         net.eval()

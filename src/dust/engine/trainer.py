@@ -349,10 +349,10 @@ class Trainer:
         distributed.barrier()  # rank 0's last checkpoint and best.pt are on disk before any rank reads them
         return {"best": self.best, "last_dice": self.history[-1]["dice"] if self.history else None}
 
-    def recalibrate_batchnorm(self) -> None:
-        """BatchNorm running statistics from ``batchnorm_recalibration_batches`` fresh batches of the images the
-        method trains on now (labelled, plus the part of the unlabelled pool it uses), dropout off. The batches come
-        from a sampler of their own, seeded by the iteration, so training draws and resumes exactly as without."""
+    def recalibration_batches(self) -> list[torch.Tensor]:
+        """``batchnorm_recalibration_batches`` fresh batches of the images the method trains on now (labelled, plus
+        the part of the unlabelled pool it uses), augmented as in training, on the device. They come from a sampler
+        of their own, seeded by the iteration, so training draws and resumes exactly as without them."""
         source = TwoStreamSampler.from_config(self.data.labeled, self.data.unlabeled, self.cfg,
                                               int(self.cfg["seed"]) * 1_000_003 + self.iteration + self.ranks.rank)
         with_unlabeled = self.method.uses_unlabeled and self.data.unlabeled is not None
@@ -363,7 +363,11 @@ class Trainer:
             drawn = source.next(with_unlabeled)
             x = torch.cat([drawn["x_l"], drawn["x_u"]]) if with_unlabeled else drawn["x_l"]
             batches.append(self.to_device(x))
-        recalibrate_batchnorm(self.method, batches, self.autocast())
+        return batches
+
+    def recalibrate_batchnorm(self) -> None:
+        """The method's BatchNorm running statistics re-estimated over :meth:`recalibration_batches`, dropout off."""
+        recalibrate_batchnorm(self.method.networks, self.method.predict, self.recalibration_batches(), self.autocast())
         if self.ranks.enabled:  # every rank evaluates and checkpoints rank 0's statistics
             distributed.broadcast_buffers(self.method.networks)
 
