@@ -135,6 +135,30 @@ def test_benchmark_dry_run_skips_what_the_json_holds(tmp_path: Path, capsys):
     assert not (tmp_path / "README.md").exists()  # a dry run writes nothing
 
 
+def test_benchmark_of_a_variant_skips_only_that_variant_and_keeps_its_own_run_dirs(tmp_path: Path, capsys):
+    results = tmp_path / "results.json"
+    variant = {"precision": NATIVE_PRECISION, "options": "batchnorm_recalibration_batches=50"}
+    # seed 1337 is recorded at the plain protocol only, seed 2024 in the variant
+    results.write_text(json.dumps([_record(1337, 70.0, precision=NATIVE_PRECISION),
+                                   _record(1337, 72.0, checkpoint="best", precision=NATIVE_PRECISION),
+                                   _record(2024, 71.0, **variant), _record(2024, 73.0, checkpoint="best", **variant)]))
+    argv = ["benchmark", "--methods", "supervised", "--labeled-patients", "7", "--seeds", "1337", "2024",
+            "--set", "batchnorm_recalibration_batches=50", "--json", str(results),
+            "--markdown", str(tmp_path / "README.md"), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skip  supervised 7p seed 2024" in out and "run   supervised 7p seed 1337" in out
+    # the variant's runs never share (and so never resume) the plain protocol's run directory
+    run_dir = "runs/acdc/supervised_7p_seed1337_batchnorm_recalibration_batches-50"
+    assert f"-> {run_dir}\n" in out
+    assert (f"dust train --config configs/acdc/supervised.yaml --set labeled_patients=7 --set seed=1337 "
+            f"--set batchnorm_recalibration_batches=50 --set run_dir={run_dir} --set bf16={NATIVE_BF16} "
+            f"--record {results}") in out
+    # what the benchmark sets itself is refused as a variant setting, with the reason
+    assert main([*argv, "--set", "seed=3"]) == 2
+    assert "--set 'seed=3'" in capsys.readouterr().err
+
+
 def test_benchmark_unknown_method_is_one_clear_line(capsys):
     assert main(["benchmark", "--methods", "no_such_method", "--dry-run"]) == 2
     assert "no config for method 'no_such_method'" in capsys.readouterr().err

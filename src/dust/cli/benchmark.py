@@ -22,7 +22,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: give at least 1")
     threads = args.threads or (default_threads(args.jobs) if args.jobs > 1 else None)
-    jobs = plan_benchmark(protocol, args.methods, args.labeled_patients, args.seeds, results, results_json, threads)
+    jobs = plan_benchmark(protocol, args.methods, args.labeled_patients, args.seeds, results, results_json, threads,
+                          settings=args.settings)
     runs = [j for j in jobs if args.force or not j.done]
     for job in jobs:
         state = "run " if job in runs else "skip"
@@ -57,5 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="T",
                    help="threads per run, written into each command (default with --jobs N: cores / N; "
                         "otherwise the config's)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="benchmark a variant of the protocol: the override goes into every command (repeatable; "
+                        "runs go to the protocol's run directories with the overrides appended)")
     p.add_argument("--dry-run", action="store_true", help="print which combinations would run or be skipped")
     p.set_defaults(func=cmd_benchmark)

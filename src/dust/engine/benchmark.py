@@ -10,6 +10,11 @@ With ``jobs > 1`` several combinations train side by side, each in its own ``dus
 floating-point sums, so it is part of what reproduces a number). On a small CPU this finishes a table sooner
 than one run after another with all cores each: a U-Net step of this size does not use two cores fully
 (``benchmarks/throughput.py --processes``). This process alone writes the results JSON and the table.
+
+A variant of the protocol (``settings``: extra ``key=value`` overrides, e.g. ``batchnorm_recalibration_batches=50``)
+is benchmarked the same way: the overrides go into every command, the variant's records are told apart from the
+plain protocol's by their setting, and unless the overrides name a ``run_dir`` the runs go to the protocol's run
+directories with the overrides appended, so a variant never resumes (or overwrites) a plain run's checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -87,19 +93,38 @@ def _config_file(protocol: Protocol, method: str) -> tuple[Path, Path]:
     raise ConfigError(f"{written}: no config for method {method!r} in protocol {protocol.name} (known: {known})")
 
 
+def variant_run_dir(run_dir: str, settings: list[str]) -> str:
+    """``run_dir`` with the variant's overrides appended (``..._seed{seed}_batchnorm_recalibration_batches-50``)."""
+    suffix = "_".join(re.sub(r"[^A-Za-z0-9._]+", "-", s.strip()).strip("-") for s in settings)
+    return f"{run_dir}_{suffix}"
+
+
 def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: list[int], seeds: list[int],
-                   results: list[dict], record_json: Path, threads: int | None = None) -> list[BenchmarkJob]:
+                   results: list[dict], record_json: Path, threads: int | None = None,
+                   settings: list[str] | None = None) -> list[BenchmarkJob]:
     """Every combination in order (labelled patients, method, seed), marked done when ``results`` holds it.
 
-    ``threads`` (when given) overrides the configs' thread count and is written into each command."""
+    ``threads`` (when given) overrides the configs' thread count and is written into each command; ``settings``
+    (``key=value`` overrides) make every run a variant of the protocol (see the module docstring)."""
+    settings = list(settings or [])
+    for item in settings:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or key in ("method", "labeled_patients", "seed", "threads"):
+            raise ConfigError(f"--set {item!r}: give key=value for a setting of the variant "
+                              "(the method, labelled patients, seeds and threads have options of their own)")
     present = {record_key(r) for r in results}
     jobs = []
     for n in labeled_patients:
         for method in methods:
             written, path = _config_file(protocol, method)
             for seed in seeds:
-                overrides = [f"labeled_patients={n}", f"seed={seed}", *([f"threads={threads}"] if threads else [])]
+                overrides = [f"labeled_patients={n}", f"seed={seed}", *([f"threads={threads}"] if threads else []),
+                             *settings]
                 cfg = full_config(load_config(path, overrides))
+                if settings and not any(s.split("=", 1)[0].strip() == "run_dir" for s in settings):
+                    run_dir = format_run_dir({**cfg, "run_dir": variant_run_dir(str(cfg["run_dir"]), settings)})
+                    overrides.append(f"run_dir={run_dir}")
+                    cfg = full_config(load_config(path, overrides))
                 command = pin_precision(" ".join(
                     ["dust train --config", shlex.quote(str(written)),
                      *[f"--set {shlex.quote(o)}" for o in overrides], "--record", shlex.quote(str(record_json))]
