@@ -18,6 +18,7 @@ from dust.engine.workflows import full_config
 from dust.results import (
     README_END,
     README_START,
+    Comparison,
     group_over_seeds,
     identity_of,
     replace_readme_table,
@@ -89,6 +90,27 @@ def test_a_changed_method_option_is_its_own_record_and_row(tmp_path: Path):
     assert sorted(r["dice"] for r in stored) == [40.0, 70.0]
     rows = _rows(results_markdown(stored, "T"), "Last checkpoint")
     assert len(rows) == 2 and any("restart_lr_per_stage=False | 1337 | 1 | 70.00" in r for r in rows)
+
+
+def test_methods_side_by_side_uses_one_setting_and_shows_what_is_missing():
+    recal = {"options": "batchnorm_recalibration_batches=50"}
+    records = [_record(1, 70.0, **recal), _record(2, 72.0, **recal),  # supervised at the setting: mean 71
+               _record(1, 60.0),  # supervised without recalibration: another setting, not in the comparison
+               _record(1, 75.5, method="dust", decoder="deconv+bilinear", **recal),
+               _record(1, 90.0, method="dust", checkpoint="best", decoder="deconv+bilinear", **recal),
+               _record(1, 80.0, method="dust", labeled_patients=14, decoder="deconv+bilinear", **recal)]
+    comparison = Comparison(("supervised", "cps", "dust"), (7, 14), {"precision": "bf16", **recal}, "NOTE")
+    md = results_markdown(records, "T", comparison)
+    rows = _rows(md, "Methods side by side")
+    assert [r.split(" | ")[:2] for r in rows] == [["| supervised", "7"], ["| cps", "7"], ["| dust", "7"],
+                                                  ["| supervised", "14"], ["| cps", "14"], ["| dust", "14"]]
+    assert rows[0].startswith("| supervised | 7 | bilinear | 1, 2 | 2 | 71.00 ± 1.00 | reference |")
+    assert "| 0 | not measured yet |" in rows[1] and "| 0 | not measured yet |" in rows[3]
+    # the last checkpoint's Dice, minus the supervised mean at the same budget and setting
+    assert rows[2].startswith("| dust | 7 | deconv+bilinear | 1 | 1 | 75.50 | +4.50 |")
+    assert rows[5].startswith("| dust | 14 | deconv+bilinear | 1 | 1 | 80.00 |  |")  # no baseline to subtract
+    assert "NOTE" in md.split("## Methods side by side", 1)[1].split("\n## ", 1)[0]
+    assert "## Methods side by side" not in results_markdown(records, "T")
 
 
 def test_readme_table_is_rewritten_between_its_markers(tmp_path: Path):

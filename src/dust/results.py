@@ -11,6 +11,7 @@ import shlex
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +180,50 @@ def _setting(r: dict) -> str:
     return ", ".join(str(r.get(k)) for k in _SETTING if r.get(k) not in (None, ""))
 
 
-def results_markdown(records: list[dict], title: str) -> str:
+@dataclass(frozen=True)
+class Comparison:
+    """A protocol's side-by-side table: ``methods`` at each of ``labeled_patients``, all at one ``setting``.
+
+    ``setting`` fixes identity fields (e.g. precision, options) so every row is measured the same way; the
+    decoder is left to each method. A combination without records at the setting is listed as not measured,
+    so a gap in the comparison shows instead of silently dropping a row. ``note`` says what the setting is
+    and how to reproduce it (rendered above the table).
+    """
+
+    methods: tuple[str, ...]
+    labeled_patients: tuple[int, ...]
+    setting: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def comparison_markdown(records: list[dict], comparison: Comparison) -> list[str]:
+    """Lines of the side-by-side table (last checkpoint): mean ± std over seeds, and each method's mean Dice
+    minus the supervised baseline's at the same budget and setting."""
+    at_setting = [r for r in records if r["checkpoint"] == "last"
+                  and all(r.get(k) == v for k, v in comparison.setting.items())]
+    groups = group_over_seeds(at_setting)
+    lines = ["| method | labelled patients | decoder | seeds | n | Dice | Δ Dice vs supervised | Jaccard | HD95 "
+             "| ASD |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in comparison.labeled_patients:
+        rows = {m: [rs for rs in groups.values() if (rs[0]["method"], rs[0]["labeled_patients"]) == (m, n)]
+                for m in comparison.methods}
+        baseline = [mean_std([r["dice"] for r in rs])[0] for rs in rows.get("supervised", [])]
+        for method, method_groups in rows.items():
+            if not method_groups:
+                lines.append(f"| {method} | {n} | | | 0 | not measured yet | | | | |")
+            for rs in sorted(method_groups, key=lambda rs: str(rs[0]["decoder"])):
+                dice = mean_std([r["dice"] for r in rs])[0]
+                delta = f"{dice - baseline[0]:+.2f}" if len(baseline) == 1 else ""
+                delta = "reference" if method == "supervised" else delta
+                cells = [_fmt([r[m] for r in rs]) for m, _ in _METRICS]
+                lines.append(f"| {method} | {n} | {rs[0]['decoder']} | {', '.join(str(r['seed']) for r in rs)} | "
+                             f"{len(rs)} | {cells[0]} | {delta} | " + " | ".join(cells[1:]) + " |")
+    return lines
+
+
+def results_markdown(records: list[dict], title: str, comparison: Comparison | None = None) -> str:
     """Table-1-style tables (mean ± std over seeds, last checkpoint as the headline, best separately),
-    per-class Dice, and every command."""
+    per-class Dice, and every command; first, with ``comparison``, the methods side by side at one setting."""
     groups = sorted(group_over_seeds(records).values(), key=_row_order)
     class_names = list(dict.fromkeys(c for r in records for c in r["per_class"]))
     plain = ", ".join(k for k in _SETTING if k != "options")
@@ -197,8 +239,12 @@ def results_markdown(records: list[dict], title: str) -> str:
         "...) is a variant of the protocol and is never averaged with it.",
         "What the numbers say, what was checked and what is still open: [analysis.md](analysis.md) (hand-written).",
     ]
-    for checkpoint, heading in (("last", "Last checkpoint (headline: the final weights)"),
-                                ("best", "Best checkpoint (selected on the same validation set, so optimistic)")):
+    if comparison is not None:
+        lines += ["", "## Methods side by side (last checkpoint)", "", comparison.note, "",
+                  *comparison_markdown(records, comparison), "",
+                  "Every setting that was measured, variants and ablations included, follows."]
+    for checkpoint, heading in (("last", "Last checkpoint (the final weights), every setting"),
+                                ("best", "Best checkpoint (picked on the validation set: optimistic), every setting")):
         lines += [
             "", f"## {heading}", "",
             f"| method | labelled patients | {setting_title} | seeds | n | Dice | Jaccard | HD95 | ASD |",

@@ -34,7 +34,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     setup_logging(None)  # progress lines on the console (each run adds its own train.log)
-    new = run_benchmark(jobs, results_json, markdown, protocol.title, args.force, parallel=args.jobs)
+    new = run_benchmark(jobs, results_json, markdown, protocol.title, args.force, parallel=args.jobs,
+                        comparison=protocol.comparison)
     print(f"{len(new)} records added to {results_json}; table: {markdown}")
     return 0
 

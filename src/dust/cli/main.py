@@ -102,7 +102,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from dust.engine.benchmark import PROTOCOLS
     from dust.results import identity_of, replace_readme_table, results_markdown, update_results
+
+    if args.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {args.protocol!r}; known: {sorted(PROTOCOLS)}")
+    protocol = PROTOCOLS[args.protocol]
+    results_json = Path(args.json or protocol.results_json)
+    markdown = Path(args.markdown or protocol.results_markdown)
 
     for run_dir in args.add:
         run_records = Path(run_dir) / "results.json"
@@ -113,10 +120,10 @@ def cmd_results(args: argparse.Namespace) -> int:
         for record in records:  # a run recorded by an older dust lacks newer identity keys: take them from its config
             for key, value in identity_of(cfg, record["checkpoint"]).items():
                 record.setdefault(key, value)
-        update_results(Path(args.json), records)
-    records = json.loads(Path(args.json).read_text())
-    Path(args.markdown).write_text(results_markdown(records, args.title))
-    print(f"wrote {args.markdown} from {len(records)} records")
+        update_results(results_json, records)
+    records = json.loads(results_json.read_text())
+    markdown.write_text(results_markdown(records, args.title or protocol.title, protocol.comparison))
+    print(f"wrote {markdown} from {len(records)} records")
     if args.readme:
         replace_readme_table(Path(args.readme), records)
         print(f"updated the results table in {args.readme}")
@@ -155,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("results", help="regenerate the Markdown results table from a results JSON")
-    p.add_argument("--json", default="docs/results/acdc_cpu.json")
-    p.add_argument("--markdown", default="docs/results/README.md")
-    p.add_argument("--title", default="ACDC, CPU budget protocol (validation split)")
+    p.add_argument("--protocol", default="acdc-cpu",
+                   help="whose results: gives the defaults below and the methods-side-by-side table")
+    p.add_argument("--json", help="results JSON (default: the protocol's, docs/results/acdc_cpu.json)")
+    p.add_argument("--markdown", help="Markdown to write (default: the protocol's, docs/results/README.md)")
+    p.add_argument("--title", help="page title (default: the protocol's)")
     p.add_argument("--add", nargs="*", default=[], metavar="RUN_DIR",
                    help="first merge these finished runs' results.json (each keeps the command that produced it)")
     p.add_argument("--readme", metavar="FILE",

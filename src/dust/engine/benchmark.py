@@ -34,7 +34,15 @@ from dust.config import ConfigError, format_run_dir, load_config
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.errors import RunFailedError
 from dust.engine.workflows import full_config, train
-from dust.results import identity_of, pin_precision, precision_of, record_key, results_markdown, update_results
+from dust.results import (
+    Comparison,
+    identity_of,
+    pin_precision,
+    precision_of,
+    record_key,
+    results_markdown,
+    update_results,
+)
 
 log = logging.getLogger("dust")
 
@@ -50,12 +58,30 @@ class Protocol:
     results_json: Path
     results_markdown: Path
     title: str
+    comparison: Comparison | None = None  # the side-by-side table heading the Markdown
 
+
+# Every method is compared with BatchNorm recalibration: the semi-supervised methods train BatchNorm on batches
+# mixing labelled and unlabelled slices and on perturbed inputs, and evaluating with those running statistics
+# costs some of them 20-30 Dice (docs/results/analysis.md); re-estimating them on clean labelled batches before
+# each evaluation measures what the weights learned. It changes nothing in training.
+_ACDC_COMPARISON = Comparison(
+    methods=("supervised", "mean_teacher", "ua_mt", "dct", "urpc", "st_plus_plus", "cps", "self_training", "st_ss",
+             "dust"),
+    labeled_patients=(7, 14),
+    setting={"iterations": 4000, "split": "val", "precision": "bf16", "resize": "bilinear",
+             "options": "batchnorm_recalibration_batches=50"},
+    note="Each method at its defaults (configs/acdc/METHOD.yaml; 4000 iterations, bf16) with BatchNorm statistics "
+         "re-estimated on 50 labelled batches before every evaluation (`--set batchnorm_recalibration_batches=50`; "
+         "why: [analysis.md](analysis.md)). Reproduce a row with `dust benchmark --protocol acdc-cpu --methods "
+         "METHOD --labeled-patients N --seeds 1337 2024 4242 --jobs 2 --threads 1 --set "
+         "batchnorm_recalibration_batches=50`; each seed's command is under Commands.",
+)
 
 PROTOCOLS = {
     "acdc-cpu": Protocol(
         "acdc-cpu", Path("configs/acdc"), Path("docs/results/acdc_cpu.json"), Path("docs/results/README.md"),
-        "ACDC, CPU budget protocol (validation split)",
+        "ACDC, CPU budget protocol (validation split)", _ACDC_COMPARISON,
     ),
 }
 
@@ -165,7 +191,7 @@ def default_threads(jobs: int) -> int:
 
 
 def run_benchmark(jobs: list[BenchmarkJob], results_json: Path, markdown: Path, title: str,
-                  force: bool = False, parallel: int = 1) -> list[dict]:
+                  force: bool = False, parallel: int = 1, comparison: Comparison | None = None) -> list[dict]:
     """Run every job not done (all of them with ``force``), ``parallel`` at a time; after each, merge its records
     into the JSON and regenerate the Markdown, so an interruption loses at most the runs in progress. Returns the
     new records. A failed run (with ``parallel > 1``) does not stop the others; the error is raised at the end."""
@@ -175,7 +201,7 @@ def run_benchmark(jobs: list[BenchmarkJob], results_json: Path, markdown: Path, 
     def record(records: list[dict]) -> None:
         merged = update_results(results_json, records)
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(results_markdown(merged, title))
+        markdown.write_text(results_markdown(merged, title, comparison))
         new.extend(records)
 
     if parallel <= 1:
@@ -202,5 +228,5 @@ def run_benchmark(jobs: list[BenchmarkJob], results_json: Path, markdown: Path, 
         if failures:
             raise RunFailedError(f"{len(failures)} of {len(todo)} benchmark runs failed: " + " | ".join(failures))
     if not todo and results_json.is_file():  # nothing to run: the table is still brought up to date
-        markdown.write_text(results_markdown(json.loads(results_json.read_text()), title))
+        markdown.write_text(results_markdown(json.loads(results_json.read_text()), title, comparison))
     return new
