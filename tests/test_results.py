@@ -216,6 +216,10 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     again = plan_benchmark(protocol, ["supervised"], [2], [5], stored, protocol.results_json)
     assert [j.done for j in again] == [True]
     assert run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title) == []
+    # --force resumes the run directory (here: re-evaluates the finished run); the records keep the one command
+    # that started it, not that command with its own overrides repeated after it
+    forced = run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title, force=True)
+    assert again[0].resumes and {r["command"] for r in forced} == {r["command"] for r in stored}
 
 
 def test_benchmark_jobs_side_by_side_record_every_run_and_report_a_failed_one(tmp_path: Path, phantom_root: Path):

@@ -58,20 +58,30 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
 
 def _command_of_record(run_dir: Path, command: str, resume: bool, is_main: bool) -> str:
     """The command a result is credited to: the one that started the run (kept in ``command.txt``), followed
-    by the ``--set`` overrides a resume added (later ones win).
+    by the ``--set`` overrides a resume changed (later ones win).
 
     ``dust train --resume RUN_DIR`` alone reproduces nothing once the run directory is gone; the starting
-    command does, because a resumed run continues exactly.
+    command does, because a resumed run continues exactly. A resume that repeats the starting command (as
+    ``dust benchmark`` does) changes nothing, so nothing is appended.
     """
     path = run_dir / "command.txt"
     if resume and path.is_file():
-        tokens = shlex.split(command)
-        overrides = [f"--set {shlex.quote(tokens[i + 1])}" for i, t in enumerate(tokens[:-1]) if t == "--set"]
-        overrides += [f"--set {shlex.quote(t[len('--set='):])}" for t in tokens if t.startswith("--set=")]
-        return " ".join([path.read_text().strip(), *overrides])
+        started = path.read_text().strip()
+        in_effect = dict(_set_overrides(started))  # later ones win
+        resumed_with = dict(_set_overrides(command))
+        changed = [f"{k}={v}" for k, v in resumed_with.items() if in_effect.get(k) != v]
+        return " ".join([started, *(f"--set {shlex.quote(o)}" for o in changed)])
     if is_main and command and not resume:
         atomic_write_text(command + "\n", path)
     return command
+
+
+def _set_overrides(command: str) -> list[tuple[str, str]]:
+    """(KEY, VALUE) of every ``--set KEY=VALUE`` (or ``--set=KEY=VALUE``) in a command line, in order."""
+    tokens = shlex.split(command)
+    values = [tokens[i + 1] if t == "--set" else t[len("--set="):] for i, t in enumerate(tokens)
+              if (t == "--set" and i + 1 < len(tokens)) or t.startswith("--set=")]
+    return [tuple(v.split("=", 1)) for v in values if "=" in v]
 
 
 def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list[dict]:
