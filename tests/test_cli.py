@@ -67,6 +67,9 @@ def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
     assert "99 labelled patients requested" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(config)]) == 2
     assert "not a readable dust checkpoint" in capsys.readouterr().err
+    for command in (["results"], ["benchmark", "--methods", "supervised"]):  # both name the protocols there are
+        assert main([*command, "--protocol", "acdc-gpu"]) == 2
+        assert "unknown protocol 'acdc-gpu'; known: ['acdc-cpu']" in capsys.readouterr().err
 
 
 NAN_AT_7 = """

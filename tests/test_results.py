@@ -200,9 +200,9 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     configs.mkdir()
     _tiny_config(configs / "supervised.yaml", phantom_root, tmp_path / "runs")
     protocol = Protocol("tiny", configs, tmp_path / "r.json", tmp_path / "README.md", "Tiny")
-    jobs = plan_benchmark(protocol, ["supervised"], [2], [5], [], protocol.results_json)
+    jobs = plan_benchmark(protocol, ["supervised"], [2], [5], [])
     assert [j.done for j in jobs] == [False]
-    new = run_benchmark(jobs, protocol.results_json, protocol.results_markdown, protocol.title)
+    new = run_benchmark(jobs, protocol)
     stored = json.loads(protocol.results_json.read_text())
     assert sorted(stored, key=lambda r: r["checkpoint"]) == sorted(new, key=lambda r: r["checkpoint"])
     assert {r["checkpoint"] for r in stored} == {"last", "best"}
@@ -213,12 +213,12 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     row = f"| supervised | 2 | 6, val, {NATIVE_PRECISION}, bilinear, bilinear | 5 | 1 |"
     assert row in protocol.results_markdown.read_text()
     assert (tmp_path / "runs" / "supervised_2p_seed5" / "report.html").is_file()
-    again = plan_benchmark(protocol, ["supervised"], [2], [5], stored, protocol.results_json)
+    again = plan_benchmark(protocol, ["supervised"], [2], [5], stored)
     assert [j.done for j in again] == [True]
-    assert run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title) == []
+    assert run_benchmark(again, protocol) == []
     # --force resumes the run directory (here: re-evaluates the finished run); the records keep the one command
     # that started it, not that command with its own overrides repeated after it
-    forced = run_benchmark(again, protocol.results_json, protocol.results_markdown, protocol.title, force=True)
+    forced = run_benchmark(again, protocol, force=True)
     assert again[0].resumes and {r["command"] for r in forced} == {r["command"] for r in stored}
 
 
@@ -228,10 +228,9 @@ def test_benchmark_jobs_side_by_side_record_every_run_and_report_a_failed_one(tm
     _tiny_config(configs / "supervised.yaml", phantom_root, tmp_path / "runs")
     _tiny_config(configs / "mean_teacher.yaml", tmp_path / "missing", tmp_path / "runs", method="mean_teacher")
     protocol = Protocol("tiny", configs, tmp_path / "r.json", tmp_path / "README.md", "Tiny")
-    jobs = plan_benchmark(protocol, ["supervised", "mean_teacher"], [2], [5, 6], [], protocol.results_json,
-                          threads=1)
+    jobs = plan_benchmark(protocol, ["supervised", "mean_teacher"], [2], [5, 6], [], threads=1)
     with pytest.raises(RunFailedError, match=r"2 of 4 benchmark runs failed.*mean_teacher.*console.log"):
-        run_benchmark(jobs, protocol.results_json, protocol.results_markdown, protocol.title, parallel=2)
+        run_benchmark(jobs, protocol, parallel=2)
     # the runs that worked are recorded, each under the one command that reproduces it, thread count included
     stored = json.loads(protocol.results_json.read_text())
     assert sorted((r["seed"], r["checkpoint"]) for r in stored) == [(5, "best"), (5, "last"), (6, "best"), (6, "last")]

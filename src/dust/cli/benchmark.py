@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from dust.config import ConfigError
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from dust.engine.benchmark import PROTOCOLS, default_threads, plan_benchmark, run_benchmark
+    from dust.engine.benchmark import default_threads, get_protocol, plan_benchmark, run_benchmark
     from dust.engine.trainer import setup_logging
 
-    if args.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {args.protocol!r}; known: {sorted(PROTOCOLS)}")
-    protocol = PROTOCOLS[args.protocol]
-    results_json = Path(args.json or protocol.results_json)
-    markdown = Path(args.markdown or protocol.results_markdown)
+    protocol = get_protocol(args.protocol, args.json, args.markdown)
+    results_json = protocol.results_json
     results = json.loads(results_json.read_text()) if results_json.is_file() else []
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: give at least 1")
     threads = args.threads or (default_threads(args.jobs) if args.jobs > 1 else None)
-    jobs = plan_benchmark(protocol, args.methods, args.labeled_patients, args.seeds, results, results_json, threads,
+    jobs = plan_benchmark(protocol, args.methods, args.labeled_patients, args.seeds, results, threads,
                           settings=args.settings)
     runs = [j for j in jobs if args.force or not j.done]
     for job in jobs:
@@ -34,9 +30,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     setup_logging(None)  # progress lines on the console (each run adds its own train.log)
-    new = run_benchmark(jobs, results_json, markdown, protocol.title, args.force, parallel=args.jobs,
-                        comparison=protocol.comparison)
-    print(f"{len(new)} records added to {results_json}; table: {markdown}")
+    new = run_benchmark(jobs, protocol, args.force, parallel=args.jobs)
+    print(f"{len(new)} records added to {results_json}; table: {protocol.results_markdown}")
     return 0
 
 

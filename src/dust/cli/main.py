@@ -102,14 +102,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from dust.engine.benchmark import PROTOCOLS
+    from dust.engine.benchmark import get_protocol
     from dust.results import identity_of, replace_readme_table, results_markdown, update_results
 
-    if args.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {args.protocol!r}; known: {sorted(PROTOCOLS)}")
-    protocol = PROTOCOLS[args.protocol]
-    results_json = Path(args.json or protocol.results_json)
-    markdown = Path(args.markdown or protocol.results_markdown)
+    protocol = get_protocol(args.protocol, args.json, args.markdown, args.title)
+    results_json, markdown = protocol.results_json, protocol.results_markdown
 
     for run_dir in args.add:
         run_records = Path(run_dir) / "results.json"
@@ -122,7 +119,7 @@ def cmd_results(args: argparse.Namespace) -> int:
                 record.setdefault(key, value)
         update_results(results_json, records)
     records = json.loads(results_json.read_text())
-    markdown.write_text(results_markdown(records, args.title or protocol.title, protocol.comparison))
+    markdown.write_text(results_markdown(records, protocol.title, protocol.comparison))
     print(f"wrote {markdown} from {len(records)} records")
     if args.readme:
         replace_readme_table(Path(args.readme), records)

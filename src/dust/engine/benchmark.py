@@ -27,7 +27,7 @@ import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dust.config import ConfigError, format_run_dir, load_config
@@ -86,6 +86,18 @@ PROTOCOLS = {
 }
 
 
+def get_protocol(name: str, results_json: str | Path | None = None, results_markdown: str | Path | None = None,
+                 title: str | None = None) -> Protocol:
+    """The protocol called ``name``, with its results JSON, Markdown page or title replaced where given (the
+    ``--json``/``--markdown``/``--title`` options of ``dust benchmark`` and ``dust results``)."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}")
+    protocol = PROTOCOLS[name]
+    return replace(protocol, results_json=Path(results_json or protocol.results_json),
+                   results_markdown=Path(results_markdown or protocol.results_markdown),
+                   title=title or protocol.title)
+
+
 @dataclass
 class BenchmarkJob:
     """One combination: its resolved config, the equivalent ``dust train`` command, and whether it runs."""
@@ -126,9 +138,10 @@ def variant_run_dir(run_dir: str, settings: list[str]) -> str:
 
 
 def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: list[int], seeds: list[int],
-                   results: list[dict], record_json: Path, threads: int | None = None,
+                   results: list[dict], threads: int | None = None,
                    settings: list[str] | None = None) -> list[BenchmarkJob]:
-    """Every combination in order (labelled patients, method, seed), marked done when ``results`` holds it.
+    """Every combination in order (labelled patients, method, seed), marked done when ``results`` holds it; each
+    command records into the protocol's results JSON.
 
     ``threads`` (when given) overrides the configs' thread count and is written into each command; ``settings``
     (``key=value`` overrides) make every run a variant of the protocol (see the module docstring)."""
@@ -153,7 +166,8 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
                     cfg = full_config(load_config(path, overrides))
                 command = pin_precision(" ".join(
                     ["dust train --config", shlex.quote(str(written)),
-                     *[f"--set {shlex.quote(o)}" for o in overrides], "--record", shlex.quote(str(record_json))]
+                     *[f"--set {shlex.quote(o)}" for o in overrides],
+                     "--record", shlex.quote(str(protocol.results_json))]
                 ), precision_of(cfg))
                 done = all(record_key(identity_of(cfg, tag)) in present for tag in ("last", "best"))
                 jobs.append(BenchmarkJob(method, n, seed, cfg, command, done, path, overrides))
@@ -190,18 +204,20 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def run_benchmark(jobs: list[BenchmarkJob], results_json: Path, markdown: Path, title: str,
-                  force: bool = False, parallel: int = 1, comparison: Comparison | None = None) -> list[dict]:
+def run_benchmark(jobs: list[BenchmarkJob], protocol: Protocol, force: bool = False,
+                  parallel: int = 1) -> list[dict]:
     """Run every job not done (all of them with ``force``), ``parallel`` at a time; after each, merge its records
-    into the JSON and regenerate the Markdown, so an interruption loses at most the runs in progress. Returns the
-    new records. A failed run (with ``parallel > 1``) does not stop the others; the error is raised at the end."""
+    into the protocol's JSON and regenerate its Markdown page, so an interruption loses at most the runs in
+    progress. Returns the new records. A failed run (with ``parallel > 1``) does not stop the others; the error is
+    raised at the end."""
     new: list[dict] = []
     todo = [j for j in jobs if force or not j.done]
+    results_json, markdown = protocol.results_json, protocol.results_markdown
 
     def record(records: list[dict]) -> None:
         merged = update_results(results_json, records)
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(results_markdown(merged, title, comparison))
+        markdown.write_text(results_markdown(merged, protocol.title, protocol.comparison))
         new.extend(records)
 
     if parallel <= 1:
@@ -228,5 +244,6 @@ def run_benchmark(jobs: list[BenchmarkJob], results_json: Path, markdown: Path, 
         if failures:
             raise RunFailedError(f"{len(failures)} of {len(todo)} benchmark runs failed: " + " | ".join(failures))
     if not todo and results_json.is_file():  # nothing to run: the table is still brought up to date
-        markdown.write_text(results_markdown(json.loads(results_json.read_text()), title, comparison))
+        markdown.write_text(results_markdown(json.loads(results_json.read_text()), protocol.title,
+                                                        protocol.comparison))
     return new
