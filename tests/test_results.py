@@ -97,6 +97,8 @@ def test_methods_side_by_side_uses_one_setting_and_shows_what_is_missing():
     records = [_record(1, 70.0, **recal), _record(2, 72.0, **recal),  # supervised at the setting: mean 71
                _record(1, 60.0),  # supervised without recalibration: another setting, not in the comparison
                _record(1, 75.5, method="dust", decoder="deconv+bilinear", **recal),
+               _record(3, 79.5, method="dust", decoder="deconv+bilinear", **recal),  # a seed supervised lacks
+               _record(1, 74.0, method="cps", **recal), _record(2, 71.0, method="cps", **recal),
                _record(1, 90.0, method="dust", checkpoint="best", decoder="deconv+bilinear", **recal),
                _record(1, 80.0, method="dust", labeled_patients=14, decoder="deconv+bilinear", **recal)]
     comparison = Comparison(("supervised", "cps", "dust"), (7, 14), {"precision": "bf16", **recal}, "NOTE")
@@ -105,9 +107,11 @@ def test_methods_side_by_side_uses_one_setting_and_shows_what_is_missing():
     assert [r.split(" | ")[:2] for r in rows] == [["| supervised", "7"], ["| cps", "7"], ["| dust", "7"],
                                                   ["| supervised", "14"], ["| cps", "14"], ["| dust", "14"]]
     assert rows[0].startswith("| supervised | 7 | bilinear | 1, 2 | 2 | 71.00 ± 1.00 | reference |")
-    assert "| 0 | not measured yet |" in rows[1] and "| 0 | not measured yet |" in rows[3]
-    # the last checkpoint's Dice, minus the supervised mean at the same budget and setting
-    assert rows[2].startswith("| dust | 7 | deconv+bilinear | 1 | 1 | 75.50 | +4.50 |")
+    assert "| 0 | not measured yet |" in rows[4] and "| 0 | not measured yet |" in rows[3]
+    # the last checkpoint's Dice minus the supervised one at the same budget, setting and seed: mean ± std of the
+    # per-seed differences (cps: 74-70 and 71-72), on the seeds both have (dust: seed 1 only, and it says so)
+    assert rows[1].startswith("| cps | 7 | bilinear | 1, 2 | 2 | 72.50 ± 1.50 | +1.50 ± 2.50 |")
+    assert rows[2].startswith("| dust | 7 | deconv+bilinear | 1, 3 | 2 | 77.50 ± 2.00 | +5.50 (seed 1) |")
     assert rows[5].startswith("| dust | 14 | deconv+bilinear | 1 | 1 | 80.00 |  |")  # no baseline to subtract
     assert "NOTE" in md.split("## Methods side by side", 1)[1].split("\n## ", 1)[0]
     assert "## Methods side by side" not in results_markdown(records, "T")

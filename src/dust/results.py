@@ -197,28 +197,44 @@ class Comparison:
 
 
 def comparison_markdown(records: list[dict], comparison: Comparison) -> list[str]:
-    """Lines of the side-by-side table (last checkpoint): mean ± std over seeds, and each method's mean Dice
-    minus the supervised baseline's at the same budget and setting."""
+    """Lines of the side-by-side table (last checkpoint): mean ± std over seeds, and each method's Dice minus the
+    supervised baseline's on the same seeds (same budget and setting)."""
     at_setting = [r for r in records if r["checkpoint"] == "last"
                   and all(r.get(k) == v for k, v in comparison.setting.items())]
     groups = group_over_seeds(at_setting)
-    lines = ["| method | labelled patients | decoder | seeds | n | Dice | Δ Dice vs supervised | Jaccard | HD95 "
-             "| ASD |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | labelled patients | decoder | seeds | n | Dice | Δ Dice vs supervised, same seeds | Jaccard "
+             "| HD95 | ASD |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in comparison.labeled_patients:
         rows = {m: [rs for rs in groups.values() if (rs[0]["method"], rs[0]["labeled_patients"]) == (m, n)]
                 for m in comparison.methods}
-        baseline = [mean_std([r["dice"] for r in rs])[0] for rs in rows.get("supervised", [])]
+        supervised = rows.get("supervised", [])
+        baseline = {r["seed"]: r["dice"] for r in supervised[0]} if len(supervised) == 1 else {}
         for method, method_groups in rows.items():
             if not method_groups:
                 lines.append(f"| {method} | {n} | | | 0 | not measured yet | | | | |")
             for rs in sorted(method_groups, key=lambda rs: str(rs[0]["decoder"])):
-                dice = mean_std([r["dice"] for r in rs])[0]
-                delta = f"{dice - baseline[0]:+.2f}" if len(baseline) == 1 else ""
-                delta = "reference" if method == "supervised" else delta
                 cells = [_fmt([r[m] for r in rs]) for m, _ in _METRICS]
                 lines.append(f"| {method} | {n} | {rs[0]['decoder']} | {', '.join(str(r['seed']) for r in rs)} | "
-                             f"{len(rs)} | {cells[0]} | {delta} | " + " | ".join(cells[1:]) + " |")
+                             f"{len(rs)} | {cells[0]} | {_paired_delta(rs, baseline, method)} | "
+                             + " | ".join(cells[1:]) + " |")
     return lines
+
+
+def _paired_delta(rs: list[dict], baseline: dict[int, float], method: str) -> str:
+    # Seeds fix the labelled/unlabelled split order and initialisation, so a difference taken seed by seed removes
+    # the seed-to-seed spread the two rows share; a row with seeds the baseline lacks is compared on the shared
+    # ones only, and says which.
+    if method == "supervised":
+        return "reference"
+    shared = [r for r in rs if r["seed"] in baseline]
+    if not shared:
+        return "no shared seed" if baseline else ""
+    differences = [r["dice"] - baseline[r["seed"]] for r in shared]
+    mean, std = mean_std(differences)
+    cell = f"{mean:+.2f}" + (f" ± {std:.2f}" if len(differences) > 1 else "")
+    if len(shared) < len(rs):
+        cell += f" (seed{'s' if len(shared) > 1 else ''} {', '.join(str(r['seed']) for r in shared)})"
+    return cell
 
 
 def results_markdown(records: list[dict], title: str, comparison: Comparison | None = None) -> str:
