@@ -163,7 +163,7 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
                 if settings and not any(s.split("=", 1)[0].strip() == "run_dir" for s in settings):
                     run_dir = format_run_dir({**cfg, "run_dir": variant_run_dir(str(cfg["run_dir"]), settings)})
                     overrides.append(f"run_dir={run_dir}")
-                    cfg = full_config(load_config(path, overrides))
+                    cfg = {**cfg, "run_dir": str(run_dir)}  # what resolving the overrides again would give
                 command = pin_precision(" ".join(
                     ["dust train --config", shlex.quote(str(written)),
                      *[f"--set {shlex.quote(o)}" for o in overrides],
