@@ -13,7 +13,9 @@ Scores one checkpoint on the validation volumes with four sets of BatchNorm stat
   time, which is what ``batchnorm_recalibration_batches`` does in training. A gap between the two recomputed rows
   is dropout's train/test variance shift.
 
-The checkpoint file is never changed. Dice only, the run's own resizing and patch size:
+``--network NAME`` scores another network of a two-network method instead of the one its inference uses (e.g.
+``model2``, CPS's xavier-initialised network). The checkpoint file is never changed. Dice only, the run's own
+resizing and patch size:
 
     DUST_DATA=../shared/data python benchmarks/batchnorm_statistics.py \\
         runs/acdc/urpc_7p_seed1337/checkpoints/iter_0004000.pt --out docs/results/urpc_7p_seed1337_batchnorm.json
@@ -74,11 +76,17 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--batches", type=int, default=50, help="training batches for the recomputed statistics")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--network", help="score this network of the method (default: the one inference uses)")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     method, cfg = load_trained(args.checkpoint, torch.device("cpu"))
+    if args.network:
+        if args.network not in method.networks:
+            parser.error(f"--network {args.network}: {args.checkpoint} holds {sorted(method.networks)}")
+        network = method.networks[args.network]
+        method.predict = network  # recalibration then reaches only this network's BatchNorm layers
     cfg = {**cfg, "val_split": args.split}
     data = load_training_data(cfg, resolve_data_dir(cfg["data_dir"]))
     # seed 0: not the run's own draws, the same kind of batches
@@ -100,8 +108,10 @@ def main() -> None:
         print(f"{mode:24s} Dice {rows[mode]['dice']:.2f} {rows[mode]['per_class_dice']}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({
-            "command": f"python benchmarks/batchnorm_statistics.py {args.checkpoint} --out {args.out}",
-            "checkpoint": str(args.checkpoint), "method": cfg["method"], "split": args.split,
+            "command": f"python benchmarks/batchnorm_statistics.py {args.checkpoint}"
+                       + (f" --network {args.network}" if args.network else "") + f" --out {args.out}",
+            "checkpoint": str(args.checkpoint), "method": cfg["method"], "network": args.network or "inference",
+            "split": args.split,
             "recompute_batches": args.batches, **rows,
         }, indent=1) + "\n")
 
