@@ -103,10 +103,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from dust.engine.benchmark import get_protocol
-    from dust.results import identity_of, replace_readme_table, results_markdown, update_results
+    from dust.results import identity_of, replace_readme_table, update_results
 
     protocol = get_protocol(args.protocol, args.json, args.markdown, args.title)
-    results_json, markdown = protocol.results_json, protocol.results_markdown
+    results_json = protocol.results_json
 
     for run_dir in args.add:
         run_records = Path(run_dir) / "results.json"
@@ -119,8 +119,8 @@ def cmd_results(args: argparse.Namespace) -> int:
                 record.setdefault(key, value)
         update_results(results_json, records)
     records = json.loads(results_json.read_text())
-    markdown.write_text(results_markdown(records, protocol.title, protocol.comparison))
-    print(f"wrote {markdown} from {len(records)} records")
+    protocol.write_results_page(records)
+    print(f"wrote {protocol.results_markdown} from {len(records)} records")
     if args.readme:
         replace_readme_table(Path(args.readme), records)
         print(f"updated the results table in {args.readme}")

@@ -60,6 +60,11 @@ class Protocol:
     title: str
     comparison: Comparison | None = None  # the side-by-side table heading the Markdown
 
+    def write_results_page(self, records: list[dict]) -> None:
+        """Regenerate the protocol's Markdown page from ``records``."""
+        self.results_markdown.parent.mkdir(parents=True, exist_ok=True)
+        self.results_markdown.write_text(results_markdown(records, self.title, self.comparison))
+
 
 # Every method is compared with BatchNorm recalibration: the semi-supervised methods train BatchNorm on batches
 # mixing labelled and unlabelled slices and on perturbed inputs, and evaluating with those running statistics
@@ -152,6 +157,8 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
             raise ConfigError(f"--set {item!r}: give key=value for a setting of the variant "
                               "(the method, labelled patients, seeds and threads have options of their own)")
     present = {record_key(r) for r in results}
+    # a variant's runs get run directories of their own, unless a setting names one
+    variant_run_dirs = bool(settings) and not any(s.split("=", 1)[0].strip() == "run_dir" for s in settings)
     jobs = []
     for n in labeled_patients:
         for method in methods:
@@ -160,7 +167,7 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
                 overrides = [f"labeled_patients={n}", f"seed={seed}", *([f"threads={threads}"] if threads else []),
                              *settings]
                 cfg = full_config(load_config(path, overrides))
-                if settings and not any(s.split("=", 1)[0].strip() == "run_dir" for s in settings):
+                if variant_run_dirs:
                     run_dir = format_run_dir({**cfg, "run_dir": variant_run_dir(str(cfg["run_dir"]), settings)})
                     overrides.append(f"run_dir={run_dir}")
                     cfg = {**cfg, "run_dir": str(run_dir)}  # what resolving the overrides again would give
@@ -212,12 +219,9 @@ def run_benchmark(jobs: list[BenchmarkJob], protocol: Protocol, force: bool = Fa
     raised at the end."""
     new: list[dict] = []
     todo = [j for j in jobs if force or not j.done]
-    results_json, markdown = protocol.results_json, protocol.results_markdown
 
     def record(records: list[dict]) -> None:
-        merged = update_results(results_json, records)
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(results_markdown(merged, protocol.title, protocol.comparison))
+        protocol.write_results_page(update_results(protocol.results_json, records))
         new.extend(records)
 
     if parallel <= 1:
@@ -243,7 +247,6 @@ def run_benchmark(jobs: list[BenchmarkJob], protocol: Protocol, force: bool = Fa
                          ", ".join(f"{r['checkpoint']} Dice {r['dice']:.2f}" for r in records))
         if failures:
             raise RunFailedError(f"{len(failures)} of {len(todo)} benchmark runs failed: " + " | ".join(failures))
-    if not todo and results_json.is_file():  # nothing to run: the table is still brought up to date
-        markdown.write_text(results_markdown(json.loads(results_json.read_text()), protocol.title,
-                                                        protocol.comparison))
+    if not todo and protocol.results_json.is_file():  # nothing to run: the table is still brought up to date
+        protocol.write_results_page(json.loads(protocol.results_json.read_text()))
     return new
