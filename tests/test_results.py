@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import time
 from pathlib import Path
@@ -217,6 +218,9 @@ def test_benchmark_runs_records_and_then_skips(tmp_path: Path, phantom_root: Pat
     row = f"| supervised | 2 | 6, val, {NATIVE_PRECISION}, bilinear, bilinear | 5 | 1 |"
     assert row in protocol.results_markdown.read_text()
     assert (tmp_path / "runs" / "supervised_2p_seed5" / "report.html").is_file()
+    # what the benchmark logs after a run (e.g. the next run's command) stays out of that run's train.log
+    logging.getLogger("dust").info("a line logged after the run")
+    assert "a line logged after the run" not in (tmp_path / "runs" / "supervised_2p_seed5" / "train.log").read_text()
     again = plan_benchmark(protocol, ["supervised"], [2], [5], stored)
     assert [j.done for j in again] == [True]
     assert run_benchmark(again, protocol) == []

@@ -116,6 +116,14 @@ def setup_logging(run_dir: Path | None) -> None:
     log.propagate = False
 
 
+def close_run_log() -> None:
+    """Detach and close the run's ``train.log`` (console logging stays), so that what is logged after a run, e.g. a
+    benchmark's next command, does not land in that run's log."""
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(h)
+        h.close()
+
+
 class Trainer:
     """Trains ``cfg["method"]`` on the configured data; ``fit()`` returns the best/last validation Dice."""
 

@@ -18,7 +18,7 @@ from dust.data.ssl4mis import load_volumes
 from dust.engine import distributed
 from dust.engine.checkpoint import CheckpointError, atomic_write_text, check_compatible, load_checkpoint
 from dust.engine.evaluation import evaluate_volumes, write_evaluation
-from dust.engine.trainer import Trainer, build_method, pick_device
+from dust.engine.trainer import Trainer, build_method, close_run_log, pick_device
 from dust.methods import get_method
 from dust.metrics import case_metrics, summarize
 from dust.results import make_record, pin_precision, precision_of
@@ -52,6 +52,7 @@ def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[
         raise_if_problems(distributed.broadcast_object(check_data(cfg) if ranks.is_main else None))
         return _train_and_evaluate(cfg, resume, command)
     finally:
+        close_run_log()
         if owns_group:
             distributed.shutdown()
 
