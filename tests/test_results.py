@@ -101,19 +101,22 @@ def test_methods_side_by_side_uses_one_setting_and_shows_what_is_missing():
                _record(3, 79.5, method="dust", decoder="deconv+bilinear", **recal),  # a seed supervised lacks
                _record(1, 74.0, method="cps", **recal), _record(2, 71.0, method="cps", **recal),
                _record(1, 90.0, method="dust", checkpoint="best", decoder="deconv+bilinear", **recal),
-               _record(1, 80.0, method="dust", labeled_patients=14, decoder="deconv+bilinear", **recal)]
-    comparison = Comparison(("supervised", "cps", "dust"), (7, 14), {"precision": "bf16", **recal}, "NOTE")
+               _record(1, 80.0, method="dust", labeled_patients=14, decoder="deconv+bilinear", **recal),
+               _record(2, 73.0, method="ua_mt", **recal)]  # one of supervised's two seeds
+    comparison = Comparison(("supervised", "cps", "dust", "ua_mt"), (7, 14), {"precision": "bf16", **recal}, "NOTE")
     md = results_markdown(records, "T", comparison)
     rows = _rows(md, "Methods side by side")
-    assert [r.split(" | ")[:2] for r in rows] == [["| supervised", "7"], ["| cps", "7"], ["| dust", "7"],
-                                                  ["| supervised", "14"], ["| cps", "14"], ["| dust", "14"]]
+    assert [r.split(" | ")[:2] for r in rows] == [[f"| {m}", n] for n in ("7", "14")
+                                                  for m in ("supervised", "cps", "dust", "ua_mt")]
     assert rows[0].startswith("| supervised | 7 | bilinear | 1, 2 | 2 | 71.00 ± 1.00 | reference |")
-    assert "| 0 | not measured yet |" in rows[4] and "| 0 | not measured yet |" in rows[3]
+    assert "| 0 | not measured yet |" in rows[5] and "| 0 | not measured yet |" in rows[4]
     # the last checkpoint's Dice minus the supervised one at the same budget, setting and seed: mean ± std of the
     # per-seed differences (cps: 74-70 and 71-72), on the seeds both have (dust: seed 1 only, and it says so)
     assert rows[1].startswith("| cps | 7 | bilinear | 1, 2 | 2 | 72.50 ± 1.50 | +1.50 ± 2.50 |")
     assert rows[2].startswith("| dust | 7 | deconv+bilinear | 1, 3 | 2 | 77.50 ± 2.00 | +5.50 (seed 1) |")
-    assert rows[5].startswith("| dust | 14 | deconv+bilinear | 1 | 1 | 80.00 |  |")  # no baseline to subtract
+    # a one-seed row names its seed: the supervised cell beside it is the mean of two
+    assert rows[3].startswith("| ua_mt | 7 | bilinear | 2 | 1 | 73.00 | +1.00 (seed 2) |")
+    assert rows[6].startswith("| dust | 14 | deconv+bilinear | 1 | 1 | 80.00 |  |")  # no baseline to subtract
     assert "NOTE" in md.split("## Methods side by side", 1)[1].split("\n## ", 1)[0]
     assert "## Methods side by side" not in results_markdown(records, "T")
 

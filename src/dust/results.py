@@ -222,8 +222,8 @@ def comparison_markdown(records: list[dict], comparison: Comparison) -> list[str
 
 def _paired_delta(rs: list[dict], baseline: dict[int, float], method: str) -> str:
     # Seeds fix the labelled/unlabelled split order and initialisation, so a difference taken seed by seed removes
-    # the seed-to-seed spread the two rows share; a row with seeds the baseline lacks is compared on the shared
-    # ones only, and says which.
+    # the seed-to-seed spread the two rows share; a row compared on fewer seeds than it or the baseline has (one
+    # seed beside a three-seed mean, or seeds the baseline lacks) says which seeds.
     if method == "supervised":
         return "reference"
     shared = [r for r in rs if r["seed"] in baseline]
@@ -232,7 +232,7 @@ def _paired_delta(rs: list[dict], baseline: dict[int, float], method: str) -> st
     differences = [r["dice"] - baseline[r["seed"]] for r in shared]
     mean, std = mean_std(differences)
     cell = f"{mean:+.2f}" + (f" ± {std:.2f}" if len(differences) > 1 else "")
-    if len(shared) < len(rs):
+    if len(shared) < max(len(rs), len(baseline)):
         cell += f" (seed{'s' if len(shared) > 1 else ''} {', '.join(str(r['seed']) for r in shared)})"
     return cell
 
