@@ -1,0 +1,72 @@
+"""Every method's first few training steps on the 2D phantom, pinned before dust became N-dimensional.
+
+``tests/pins_2d.json`` was written by ``python tests/test_pins.py`` on the 2D-only engine (commit b8f55a3). A
+refactor that changes what a 2D run computes (augmentation draws, the order of random numbers, a layer, a loss)
+moves these numbers; one that only generalises the code does not. fp32 and one thread, so the comparison does not
+depend on whether the CPU computes bf16; the tolerance allows for another CPU's summation order over a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dust.engine.trainer import Trainer
+from dust.engine.workflows import full_config
+from dust.methods import available_methods
+
+PINS = Path(__file__).with_name("pins_2d.json")
+METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus_plus", "self_training", "st_ss",
+           "dust"]
+
+
+def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
+    """A 10-iteration fp32 run of ``method``: its loss log, validation Dice and a checksum of every network."""
+    cfg = full_config({
+        "method": method, "data_dir": str(phantom_root.resolve()), "labeled_patients": 2, "patch_size": [32, 32],
+        "channels": [4, 8, 16, 32, 64], "batch_size": 4, "unlabeled_batch_size": 4, "iterations": 10,
+        "val_every": 5, "log_every": 1, "threads": 1, "bf16": False, "tensorboard": False, "progress": False,
+        "run_dir": str(run_dir), "batchnorm_recalibration_batches": 2,
+    })
+    trainer = Trainer(cfg)
+    trainer.fit()
+    checksums = {}
+    for name, net in sorted(trainer.method.networks.items()):
+        tensors = [v.double() for v in net.state_dict().values() if v.is_floating_point()]
+        checksums[name] = [float(sum(t.abs().sum() for t in tensors)), float(sum(t.pow(2).sum() for t in tensors))]
+    return {"loss": [round(r["loss"], 6) for r in trainer.train_log], "dice": [h["dice"] for h in trainer.history],
+            "checksums": checksums}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_2d_run_computes_what_it_did_before_dust_was_n_dimensional(method, phantom_root, tmp_path):
+    expected = json.loads(PINS.read_text())[method]
+    got = pinned_run(method, phantom_root, tmp_path / "run")
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-3, abs=1e-4)
+    assert got["dice"] == pytest.approx(expected["dice"], abs=0.02)
+    for name, values in expected["checksums"].items():
+        assert got["checksums"][name] == pytest.approx(values, rel=1e-4), name
+
+
+def test_every_registered_method_is_pinned():
+    assert set(available_methods()) <= set(METHODS) | set(json.loads(PINS.read_text()).get("_not_2d", []))
+
+
+if __name__ == "__main__":  # (re)write the pins: only on purpose, when a change to 2D numbers is intended
+    import tempfile
+
+    from dust.data.phantom import generate_phantom
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import TINY_PHANTOM
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_phantom(Path(tmp) / "phantom", seed=0, **TINY_PHANTOM)
+        pins = {m: pinned_run(m, root, Path(tmp) / m) for m in METHODS}
+    PINS.write_text(json.dumps(pins, indent=1) + "\n")
+    print(f"wrote {PINS}")
