@@ -137,7 +137,7 @@ def main() -> None:
                 for r in regions:
                     uncertainty[r + v].append(sample_uncertainty(probs, region=r))
             for i, label in zip(idx, labeller.predict(x).argmax(1), strict=True):
-                labels[i] = StagedSelfTraining.label_at_slice_size(label, pool.images[i]).numpy()
+                labels[i] = StagedSelfTraining.label_on_item_grid(label, pool.images[i]).numpy()
 
     result: dict = {"run_dir": str(args.run_dir), "stage1_labeller": snapshots[-1].name,
                     "recalibrate_batches": args.recalibrate_batches}

@@ -36,7 +36,7 @@ def main() -> None:
     cfg = full_config(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
     pool = load_training_data(cfg, resolve_data_dir(cfg["data_dir"])).unlabeled
     snapshots = sorted((args.run_dir / "checkpoints").glob("pretrain_k*.pt"))
-    net = make_model(cfg, "dual_unet2d")
+    net = make_model(cfg, "dual_unet")
     net.load_state_dict(load_checkpoint(snapshots[-1]))
     net.eval()
     size = tuple(cfg["patch_size"])

@@ -291,7 +291,7 @@ def test_output_decoder_mean_averages_both_decoders_everywhere_the_output_is_use
     img = pool.images[0]
     with torch.inference_mode(), trainer.autocast():
         expected = method.predict(resize_image(img[None], size).to(memory_format=torch.channels_last)).argmax(1)[0]
-    assert torch.equal(pool.pseudo_labels[0], method.label_at_slice_size(expected, img))
+    assert torch.equal(pool.pseudo_labels[0], method.label_on_item_grid(expected, img))
 
 
 @pytest.mark.parametrize("method", ["dust", "self_training"])

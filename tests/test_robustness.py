@@ -20,7 +20,7 @@ import yaml
 
 from dust.cli.main import main
 from dust.data.check import check_data
-from dust.data.ssl4mis import DataError
+from dust.data.types import DataError
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer
 from dust.engine.workflows import train

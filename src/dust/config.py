@@ -18,29 +18,48 @@ import yaml
 BASE_DEFAULTS: dict[str, Any] = {
     # what to train
     "method": "supervised",
-    "model": "unet2d",  # unet2d | dual_unet2d
-    "upsample": "bilinear",  # decoder of unet2d: bilinear (interpolation + conv, SSL4MIS) | deconv (transposed conv)
+    # unet | dual_unet | unet_ds | vnet | dual_vnet | vnet_ds (dust.models); 2D or 3D as patch_size has 2 or 3 numbers
+    "model": "unet2d",
+    # decoder upsampling: bilinear / trilinear (linear interpolation, SSL4MIS's U-Net) | deconv (transposed conv)
+    "upsample": "bilinear",
     "channels": [16, 32, 64, 128, 256],
     "dropout": [0.05, 0.1, 0.2, 0.3, 0.5],
     # data
-    "dataset": "ssl4mis_h5",  # reader: ssl4mis_h5 (ACDC-style slices + volumes)
+    "dataset": "ssl4mis_h5",  # reader: ssl4mis_h5 (ACDC-style slices + volumes) | la_h5 (UA-MT's left-atrium volumes)
     "data_dir": "ACDC",  # a bare name is looked up under $DUST_DATA; ./x or /x are used as given
     "generate_phantom": False,  # write the synthetic phantom into data_dir first if it is missing
     "phantom_seed": 0,
     "in_channels": 1,
     # how a NIfTI case becomes model input: set by `dust prepare` (its dust.yaml), applied again by `dust predict`
     "intensity_norm": "minmax",  # per case and channel: minmax ((x - min) / (max - min), SSL4MIS) | zscore
-    "slice_axis": 2,  # NIfTI voxel axis the 2D model slices along (the through-plane axis)
+    # file voxel axis that comes first in dust's (S, H, W) arrays: the one a 2D model slices along (through-plane)
+    "slice_axis": 2,
     "modalities": None,  # channel indices taken from multi-modality input; null: all, in file order
     "num_classes": 4,
     "class_names": ["background", "RV", "Myo", "LV"],
     "labeled_patients": 7,
     "val_split": "val",
-    "patch_size": [128, 128],
+    "holdout_cases": 8,  # la_h5 without a val.list: the last N cases of train.list are the validation split
+    "spacing": None,  # voxel size in mm per (S, H, W) axis where the files record none (LA: 0.625 isotropic)
+    # resample every case by this factor when loading (image linear, label nearest), so a CPU can train 3D;
+    # evaluation is always on the original grid (probabilities resampled back, then argmax)
+    "resample_factor": 1.0,
+    "patch_size": [128, 128],  # 2 numbers: a 2D model on slices; 3 numbers: a 3D model on volumes
+    # how a training item becomes a patch (and how inference covers a case): resize (the whole slice resized to
+    # patch_size, ACDC as SSL4MIS) | crop (pad if smaller, random crop; inference by a sliding window, as LA papers)
+    "spatial_policy": "resize",
+    "foreground_oversample": 0.0,  # crop: share of labelled crops centred on a random foreground voxel (nnU-Net 0.33)
     "augment_rot_flip": True,
     "augment_rotate_deg": 20.0,
     # how slices are resized to patch_size, in training and inference: bilinear | nearest (SSL4MIS's order-0 zoom)
     "image_interpolation": "bilinear",
+    # sliding window (spatial_policy crop): window overlap per axis, or a stride in voxels per axis (overrides the
+    # overlap; the LA papers' [4, 18, 18] on [80, 112, 112]), blending of overlapping windows (gaussian, as nnU-Net,
+    # or constant: the plain average of SSL4MIS's test_single_case), windows per forward
+    "inference_overlap": 0.5,
+    "inference_stride": None,
+    "inference_blend": "gaussian",
+    "inference_windows_per_batch": 2,
     # optimisation
     "iterations": 4000,
     "batch_size": 8,
@@ -62,7 +81,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     # bf16, a CPU with AVX512-BF16/AMX); on other CPUs (e.g. AVX2 only) PyTorch emulates bf16 and a training step
     # is 12-18x slower than fp32 (docs/results/step_speed_avx2.json). The resolved value is what the run records.
     "bf16": "auto",
-    "channels_last": True,
+    "channels_last": True,  # channels_last memory format (channels_last_3d for a 3D model): faster convolutions on CPU
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
     "device": "auto",  # auto | cpu | cuda
     # several processes (torchrun / dust train --nproc): BatchNorm statistics over all ranks (CUDA only)
@@ -83,7 +102,11 @@ def parse_value(text: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML config and apply ``key=value`` overrides (no defaults merged yet)."""
+    """Read a YAML config and apply ``key=value`` overrides (no defaults merged yet).
+
+    ``extends: other.yaml`` (a path relative to the file) reads that config first and lays this file's keys over
+    it, so a protocol variant (e.g. LA at full resolution on a GPU) states only what differs.
+    """
     cfg: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -95,7 +118,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-        cfg.update(loaded or {})
+        loaded = dict(loaded or {})
+        base = loaded.pop("extends", None)
+        if base is not None:  # a protocol variant: its base config's keys, then this file's
+            if not isinstance(base, str):
+                raise ConfigError(f"{path}: extends: expected the path of a config file, got {base!r}")
+            cfg.update(load_config(path.parent / base))
+        cfg.update(loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -116,11 +145,32 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
     resolved = copy.deepcopy(allowed)
     resolved.update({k: _typed(k, v, allowed[k]) for k, v in copy.deepcopy(cfg).items()})
     resolved["bf16"] = resolve_bf16(resolved["bf16"], resolved["device"])
+    _check_choices(resolved)
     if len(resolved["class_names"]) != resolved["num_classes"]:
         raise ConfigError(
             f"class_names has {len(resolved['class_names'])} entries but num_classes is {resolved['num_classes']}"
         )
     return resolved
+
+
+CHOICES = {"spatial_policy": ("resize", "crop"), "inference_blend": ("gaussian", "constant"),
+           "dataset": ("ssl4mis_h5", "la_h5")}
+
+
+def _check_choices(cfg: dict[str, Any]) -> None:
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            raise ConfigError(f"{key}: {cfg[key]!r} is not one of {list(choices)}")
+    dims = len(cfg["patch_size"])
+    if dims not in (2, 3) or not all(isinstance(p, int) and p > 0 for p in cfg["patch_size"]):
+        raise ConfigError(f"patch_size {cfg['patch_size']}: give 2 (a 2D model) or 3 (a 3D model) positive integers")
+    for key in ("inference_stride", "inference_overlap", "spacing"):
+        value = cfg[key]
+        if isinstance(value, list) and len(value) != dims:
+            raise ConfigError(f"{key} {value}: one value per axis of patch_size {cfg['patch_size']}")
+    factor = cfg["resample_factor"]
+    if not (isinstance(factor, int | float) and 0 < factor <= 4):
+        raise ConfigError(f"resample_factor {factor!r}: expected a number in (0, 4]")
 
 
 def resolve_bf16(value: Any, device: str) -> bool:

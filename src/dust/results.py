@@ -20,6 +20,7 @@ import numpy as np
 from dust.config import BASE_DEFAULTS
 from dust.engine.checkpoint import atomic_write_text
 from dust.methods import get_method
+from dust.models import model_family
 
 # Pipeline choices that change the numbers are part of a record's identity (and of its table row).
 IDENTITY = (
@@ -27,7 +28,8 @@ IDENTITY = (
     "options",
 )
 # Engine keys that change a run's numbers without being one of the identity's own columns.
-NUMBER_CHANGING_ENGINE_OPTIONS = ("batchnorm_recalibration_batches",)
+NUMBER_CHANGING_ENGINE_OPTIONS = ("batchnorm_recalibration_batches", "inference_overlap", "inference_stride",
+                                  "inference_blend", "foreground_oversample")
 _METRICS = (("dice", 100.0), ("jaccard", 100.0), ("hd95_vox", 1.0), ("asd_vox", 1.0))
 
 
@@ -41,7 +43,7 @@ def identity_of(cfg: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         "split": cfg["val_split"],
         "checkpoint": checkpoint,
         "precision": precision_of(cfg),
-        "resize": cfg["image_interpolation"],
+        "resize": cfg["image_interpolation"] if cfg["spatial_policy"] == "resize" else "crop",
         "decoder": decoder_of(cfg),
         "options": options_of(cfg),
     }
@@ -53,9 +55,13 @@ def precision_of(cfg: dict[str, Any]) -> str:
 
 
 def decoder_of(cfg: dict[str, Any]) -> str:
-    """The decoder upsampling of the network the run's method builds: ``deconv``, ``bilinear`` or both."""
-    method_model = getattr(get_method(str(cfg["method"])), "model_name", None)  # methods that fix their network
-    return "deconv+bilinear" if (method_model or cfg["model"]) == "dual_unet2d" else str(cfg["upsample"])
+    """The decoder upsampling of the network the run's method builds: ``deconv``, ``bilinear`` (``trilinear``) or
+    both (``deconv+bilinear``: two decoders, as DUST's and MC-Net's networks)."""
+    _, variant = model_family(str(cfg["model"]), len(cfg["patch_size"]))
+    variant = getattr(get_method(str(cfg["method"])), "model_variant", None) or variant  # methods that fix it
+    if variant == "dual":
+        return "deconv+" + ("bilinear" if len(cfg["patch_size"]) == 2 else "trilinear")
+    return str(cfg["upsample"])
 
 
 def options_of(cfg: dict[str, Any]) -> str:

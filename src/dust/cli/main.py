@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dust.cli import benchmark, check_data, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
-from dust.data.ssl4mis import DataError
+from dust.data.types import DataError
 from dust.engine.checkpoint import CheckpointError
 from dust.engine.errors import NonFiniteLossError, RunFailedError
 

@@ -1,15 +1,16 @@
 """Every problem in a dataset that a training run would trip over, found before training, one line each.
 
 ``dust check-data --config F`` prints them and exits 2; ``dust train`` runs the same check first and refuses to
-start. Checked for the SSL4MIS h5 layout (``dust.data.ssl4mis``), with the config's ``labeled_patients``,
-``num_classes`` and ``val_split``:
+start. Checked for the SSL4MIS h5 layout (``dust.data.ssl4mis``) and the LA volume layout (``dust.data.la``), with
+the config's ``labeled_patients``, ``num_classes`` and ``val_split``:
 
-- list files: missing or empty ``train_slices.list`` / ``<val_split>.list``;
+- list files: missing or empty ``train_slices.list`` / ``train.list`` / ``<val_split>.list``;
 - the labelled set: ``labeled_patients`` below 1 (nothing to train on) or above the patients listed;
 - every listed file: absent, not a readable h5 file, no ``image`` (or, where training reads it, no ``label``)
   dataset, the wrong number of dimensions, NaN/Inf intensities, a label whose shape differs from the image's,
   non-integer label values, label values outside ``0..num_classes-1``;
-- splits: a patient listed for training and also in the validation (or ``test.list``) volumes.
+- splits: a patient listed for training and also in the validation (or ``test.list``) volumes;
+- LA: ``holdout_cases`` leaving no training cases; a patch with other than 3 numbers.
 
 Labels of the unlabelled pool are not read (training never reads them either). Each file is opened once, so
 ACDC (1312 slices + 20 volumes) takes a few seconds.
@@ -24,22 +25,63 @@ import h5py
 import numpy as np
 
 from dust.config import resolve_data_dir
-from dust.data.ssl4mis import DataError, patient_of, patients_in_order
+from dust.data.la import case_path
+from dust.data.ssl4mis import patient_of, patients_in_order
+from dust.data.types import DataError
 
 
 def check_data(cfg: dict[str, Any]) -> list[str]:
     """Problems of the configured dataset, one line each naming the file; an empty list when it is usable."""
     root = resolve_data_dir(cfg["data_dir"])
     if cfg["generate_phantom"]:  # as training does: the phantom is written on first use
-        from dust.data.phantom import generate_phantom
+        from dust.data import write_phantom
 
-        generate_phantom(root, seed=int(cfg["phantom_seed"]))
-    if cfg["dataset"] != "ssl4mis_h5":
-        return [f"dataset {cfg['dataset']!r}: no checker for this reader (known: ssl4mis_h5)"]
+        write_phantom(cfg, root)
+    if cfg["dataset"] not in ("ssl4mis_h5", "la_h5"):
+        return [f"dataset {cfg['dataset']!r}: no checker for this reader (known: ssl4mis_h5, la_h5)"]
     if not root.is_dir():
         return [f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up "
                 "under $DUST_DATA)"]
+    if cfg["dataset"] == "la_h5":
+        return check_la(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"],
+                        int(cfg["holdout_cases"]), len(cfg["patch_size"]))
     return check_ssl4mis(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"])
+
+
+def check_la(root: Path, labeled: int, num_classes: int, val_split: str, holdout: int, patch_dims: int) -> list[str]:
+    problems: list[str] = []
+    train_list = root / "train.list"
+    train = _read_list(train_list, problems)
+    if patch_dims != 3:
+        problems.append(f"{root}: the la_h5 reader gives volumes; patch_size needs 3 numbers, it has {patch_dims}")
+    val_list = root / "val.list"
+    if val_list.is_file():
+        held_out = _read_list(val_list, problems)
+        pool = [c for c in train if c not in set(held_out)]
+    elif train and not 0 < holdout < len(train):
+        problems.append(f"{train_list}: holdout_cases={holdout} leaves no training case among {len(train)} (no "
+                        "val.list: the last holdout_cases are the validation split)")
+        held_out, pool = [], []
+    else:
+        held_out, pool = train[len(train) - holdout:], train[: len(train) - holdout]
+    if train and pool and labeled < 1:
+        problems.append(f"{train_list}: labeled_patients is {labeled}: the labelled set is empty")
+    elif train and pool and labeled > len(pool):
+        problems.append(f"{train_list}: {labeled} labelled cases requested but the training pool has only "
+                        f"{len(pool)} (after the {len(held_out)} validation cases)")
+    evaluated = held_out if val_split == "val" else _read_list(root / f"{val_split}.list", problems)
+    for i, case in enumerate(pool):
+        _check_file(case_path(root, case), train_list.name, (3, 4), i < labeled, num_classes, problems)
+    listed_in = val_list.name if val_split == "val" and val_list.is_file() else f"{val_split} split"
+    for case in evaluated:
+        _check_file(case_path(root, case), listed_in, (3, 4), True, num_classes, problems)
+    for name in ("val.list", "test.list"):
+        path = root / name
+        if path.is_file():
+            for case in sorted(set(pool) & set(_read_list(path, problems))):
+                problems.append(f"{path}: case {case} is also in the training pool of {train_list.name} (a case "
+                                "belongs to one split)")
+    return problems
 
 
 def check_ssl4mis(root: Path, labeled_patients: int, num_classes: int, val_split: str) -> list[str]:

@@ -23,7 +23,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 
-from dust.data.ssl4mis import DataError
+from dust.data.types import DataError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 INTENSITY_NORMS = ("minmax", "zscore")

@@ -57,7 +57,7 @@ from dust.data.nifti import (
     to_stored,
     visible_files,
 )
-from dust.data.ssl4mis import DataError, patient_of
+from dust.data.types import DataError, patient_of
 
 log = logging.getLogger("dust")
 

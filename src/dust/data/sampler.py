@@ -1,5 +1,9 @@
 """Two-stream batch sampler: every step yields a labelled batch and, when asked, an unlabelled batch.
 
+Items are ``(C, *spatial)`` (slices for a 2D model, volumes for a 3D one); the spatial policy makes each a patch:
+``resize`` (the whole item resized to the patch) or ``crop`` (pad + random crop, optional foreground
+oversampling on the labelled stream); see :mod:`dust.data.transforms`.
+
 Each stream walks a seeded random permutation of its pool and reshuffles when it runs out (iteration-based
 training, as in SSL4MIS, without its epoch bookkeeping). All randomness lives in one ``torch.Generator``, so
 ``state_dict`` / ``load_state_dict`` make a resumed run draw exactly the batches the uninterrupted run would.
@@ -11,8 +15,8 @@ from typing import Any
 
 import torch
 
-from dust.data.ssl4mis import SliceSet
-from dust.data.transforms import augment_pair
+from dust.data.transforms import augment_crop, augment_pair
+from dust.data.types import ItemSet
 
 
 class _Stream:
@@ -35,19 +39,21 @@ class _Stream:
 
 
 class TwoStreamSampler:
-    """Draws augmented batches ``{"x_l", "y_l", "x_u", "y_u"?, "idx_u"}`` from in-memory slices."""
+    """Draws augmented batches ``{"x_l", "y_l", "x_u", "y_u"?, "idx_u"}`` from in-memory items (slices or volumes)."""
 
     def __init__(
         self,
-        labeled: SliceSet,
-        unlabeled: SliceSet | None,
+        labeled: ItemSet,
+        unlabeled: ItemSet | None,
         batch_size: int,
         unlabeled_batch_size: int,
-        patch_size: tuple[int, int],
+        patch_size: tuple[int, ...],
         seed: int,
         rot_flip: bool = True,
         rotate_deg: float = 20.0,
         interpolation: str = "bilinear",
+        spatial_policy: str = "resize",
+        foreground_oversample: float = 0.0,
     ) -> None:
         if len(labeled) == 0:
             raise ValueError("the labelled set is empty: nothing to train on")
@@ -55,16 +61,20 @@ class TwoStreamSampler:
         self.batch_size, self.unlabeled_batch_size = batch_size, unlabeled_batch_size
         self.patch_size = tuple(patch_size)
         self.rot_flip, self.rotate_deg, self.interpolation = rot_flip, rotate_deg, interpolation
+        if spatial_policy not in ("resize", "crop"):
+            raise ValueError(f"unknown spatial_policy {spatial_policy!r}; choose resize or crop")
+        self.spatial_policy, self.foreground_oversample = spatial_policy, foreground_oversample
         self.generator = torch.Generator().manual_seed(seed)
         self.labeled_stream = _Stream(len(labeled))
         self.unlabeled_stream = _Stream(len(unlabeled) if unlabeled is not None else 0)
 
     @classmethod
-    def from_config(cls, labeled: SliceSet, unlabeled: SliceSet | None, cfg: dict[str, Any],
+    def from_config(cls, labeled: ItemSet, unlabeled: ItemSet | None, cfg: dict[str, Any],
                     seed: int) -> TwoStreamSampler:
         """A sampler with a resolved config's batch sizes, patch size and augmentation."""
         return cls(labeled, unlabeled, cfg["batch_size"], cfg["unlabeled_batch_size"], tuple(cfg["patch_size"]),
-                   seed, cfg["augment_rot_flip"], cfg["augment_rotate_deg"], cfg["image_interpolation"])
+                   seed, cfg["augment_rot_flip"], cfg["augment_rotate_deg"], cfg["image_interpolation"],
+                   cfg["spatial_policy"], cfg["foreground_oversample"])
 
     @property
     def unlabeled_indices(self) -> torch.Tensor:
@@ -77,20 +87,23 @@ class TwoStreamSampler:
         self.unlabeled_stream.perm = torch.empty(0, dtype=torch.long)
         self.unlabeled_stream.pos = 0
 
-    def _batch(self, pool: SliceSet, idx: torch.Tensor, labels: list[torch.Tensor] | None):
+    def _batch(self, pool: ItemSet, idx: torch.Tensor, labels: list[torch.Tensor] | None, foreground: float = 0.0):
         xs, ys = [], []
         for i in idx.tolist():
-            x, y = augment_pair(
-                pool.images[i], None if labels is None else labels[i], self.patch_size, self.generator,
-                self.rot_flip, self.rotate_deg, self.interpolation,
-            )
+            label = None if labels is None else labels[i]
+            if self.spatial_policy == "resize":
+                x, y = augment_pair(pool.images[i], label, self.patch_size, self.generator, self.rot_flip,
+                                    self.rotate_deg, self.interpolation)
+            else:
+                x, y = augment_crop(pool.images[i], label, self.patch_size, self.generator, self.rot_flip,
+                                    self.rotate_deg, self.interpolation, foreground)
             xs.append(x)
             ys.append(y)
         return torch.stack(xs), (torch.stack(ys) if labels is not None else None)
 
     def next(self, with_unlabeled: bool) -> dict[str, torch.Tensor]:
         idx_l = self.labeled_stream.draw(self.batch_size, self.generator)
-        x_l, y_l = self._batch(self.labeled, idx_l, self.labeled.labels)
+        x_l, y_l = self._batch(self.labeled, idx_l, self.labeled.labels, self.foreground_oversample)
         batch = {"x_l": x_l, "y_l": y_l, "idx_l": idx_l}
         if with_unlabeled:
             if self.unlabeled is None or len(self.unlabeled_stream.indices) == 0:

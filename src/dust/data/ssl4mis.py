@@ -14,100 +14,22 @@ Labels of the unlabelled pool are never read.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Unusable input data; the message names the file and the problem."""
-
-
-_FRAME = re.compile(r"^(.*?)_frame\d+")
-_SLICE = re.compile(r"^(.*)_slice_\d+$")
-
-
-def patient_of(case_id: str) -> str:
-    """Patient id of a slice or volume name: ``patient028_frame01_slice_3`` -> ``patient028``.
-
-    Splitting by patient (not by slice or frame) keeps both cardiac frames of one patient on one side.
-    """
-    m = _FRAME.match(case_id)
-    if m:
-        return m.group(1)
-    m = _SLICE.match(case_id)
-    return m.group(1) if m else case_id
-
-
-@dataclass
-class SliceSet:
-    """2D training slices held in memory. ``labels`` is None for the unlabelled pool."""
-
-    ids: list[str]
-    patients: list[str]
-    images: list[torch.Tensor]  # each (C, H, W) float32
-    labels: list[torch.Tensor] | None = None  # each (H, W) uint8
-    # Set by self-training methods: fixed pseudo-labels, augmented together with their image.
-    pseudo_labels: list[torch.Tensor] | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class Volume:
-    """A whole case for evaluation or prediction."""
-
-    case_id: str
-    image: np.ndarray  # (C, S, H, W) float32
-    label: np.ndarray | None  # (S, H, W) integer
-    spacing: tuple[float, ...] | None = None  # (S, H, W) spacing in mm when known
-    affine: np.ndarray | None = None
-
-    @property
-    def patient(self) -> str:
-        return patient_of(self.case_id)
-
-
-def read_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"{path}: list file not found")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DataError(f"{path}: list file is empty")
-    return names
-
-
-def _read_h5(path: Path, want_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = None
-            if want_label:
-                if "label" not in f:
-                    raise DataError(f"{path}: no 'label' dataset but the case is labelled")
-                label = np.asarray(f["label"][()])
-    except OSError as err:
-        raise DataError(f"{path}: cannot read h5 file ({err})") from None
-    if not np.isfinite(image).all():
-        raise DataError(f"{path}: image contains NaN or Inf values")
-    if label is not None and label.shape != image.shape[-label.ndim :]:
-        raise DataError(f"{path}: image shape {image.shape} does not match label shape {label.shape}")
-    return image, label
-
-
-def _check_labels(path: Path, label: np.ndarray, num_classes: int) -> None:
-    if label.size and (label.min() < 0 or label.max() >= num_classes):
-        found = sorted(int(v) for v in np.unique(label))
-        raise DataError(f"{path}: label values {found} outside the configured classes 0..{num_classes - 1}")
+from dust.data.types import (  # noqa: F401  (re-exported: the names code written for the 2D reader imports)
+    DataError,
+    ItemSet,
+    SliceSet,
+    Volume,
+    check_label_values,
+    patient_of,
+    read_h5_arrays,
+    read_list,
+)
 
 
 def patients_in_order(names: list[str]) -> list[str]:
@@ -132,23 +54,23 @@ def split_by_patients(names: list[str], labeled_patients: int, list_path: Path) 
     return labeled, unlabeled
 
 
-def load_slices(root: Path, names: list[str], with_labels: bool, num_classes: int) -> SliceSet:
+def load_slices(root: Path, names: list[str], with_labels: bool, num_classes: int) -> ItemSet:
     images, labels = [], []
     for name in names:
         path = root / "data" / f"{name}.h5"
-        image, label = _read_h5(path, with_labels)
+        image, label = read_h5_arrays(path, with_labels)
         if image.ndim == 2:
             image = image[None]
         if image.ndim != 3:
             raise DataError(f"{path}: expected a 2D slice (H, W) or (C, H, W), got shape {image.shape}")
         images.append(torch.from_numpy(np.ascontiguousarray(image)))
         if with_labels:
-            _check_labels(path, label, num_classes)
+            check_label_values(path, label, num_classes)
             labels.append(torch.from_numpy(label.astype(np.uint8)))
-    return SliceSet(names, [patient_of(n) for n in names], images, labels if with_labels else None)
+    return ItemSet(names, [patient_of(n) for n in names], images, labels if with_labels else None)
 
 
-def load_training_slices(root: Path, labeled_patients: int, num_classes: int) -> tuple[SliceSet, SliceSet]:
+def load_training_slices(root: Path, labeled_patients: int, num_classes: int) -> tuple[ItemSet, ItemSet]:
     """Labelled slices of the first N patients and the unlabelled pool (its labels are never read)."""
     list_path = root / "train_slices.list"
     names = read_list(list_path)
@@ -164,13 +86,13 @@ def load_volumes(root: Path, split: str, num_classes: int, with_labels: bool = T
     volumes = []
     for name in read_list(root / f"{split}.list"):
         path = root / "data" / f"{name}.h5"
-        image, label = _read_h5(path, with_labels)
+        image, label = read_h5_arrays(path, with_labels)
         if image.ndim == 3:
             image = image[None]
         if image.ndim != 4:
             raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
         if label is not None:
-            _check_labels(path, label, num_classes)
+            check_label_values(path, label, num_classes)
         volumes.append(Volume(name, image, label, *_read_geometry(path)))
     return volumes
 

@@ -26,13 +26,19 @@ def _uniform(low: float, high: float, generator: torch.Generator | None) -> floa
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(C, H, W) blurred with a separable Gaussian of std ``sigma`` (kernel 2 * ceil(3 sigma) + 1, reflect pad)."""
-    radius = min(math.ceil(3 * sigma), min(image.shape[-2:]) - 1)
+    """(C, *spatial) blurred with a separable Gaussian of std ``sigma`` along every spatial axis (kernel
+    2 * ceil(3 sigma) + 1, reflect pad), 2D or 3D."""
+    dims = image.dim() - 1
+    radius = min(math.ceil(3 * sigma), min(image.shape[1:]) - 1)
     taps = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-(taps**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    x = F.pad(image[:, None], (radius, radius, radius, radius), mode="reflect")  # channels as batch
-    x = F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    x = F.pad(image[:, None], (radius,) * (2 * dims), mode="reflect")  # channels as batch
+    convolve = F.conv2d if dims == 2 else F.conv3d
+    for axis in range(dims - 1, -1, -1):  # the last axis first
+        shape = [1, 1] + [1] * dims
+        shape[2 + axis] = -1
+        x = convolve(x, kernel.view(shape))
     return x[:, 0]
 
 
@@ -51,7 +57,8 @@ def _cutout_box(height: int, width: int, generator: torch.Generator | None) -> t
 def strong_augment(
     images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (B, C, H, W), labels (B, H, W) -> strongly augmented float32 images, int64 labels (new tensors)."""
+    """images (B, C, *spatial), labels (B, *spatial) -> strongly augmented float32 images, int64 labels (new
+    tensors). The cutout is a box in the (H, W) plane, through every slice of a volume."""
     with torch.autocast(images.device.type, enabled=False):
         images, labels = images.float().clone(), labels.long().clone()
         for b in range(len(images)):
@@ -67,9 +74,9 @@ def strong_augment(
                 img = gaussian_blur(img, _uniform(0.1, 2.0, generator))
             if torch.rand((), generator=generator) < 0.5:
                 y, x, h, w = _cutout_box(*img.shape[-2:], generator)
-                noise = torch.rand((img.shape[0], h, w), generator=generator, device=img.device)
+                noise = torch.rand((*img.shape[:-2], h, w), generator=generator, device=img.device)
                 img = img.clone()
-                img[:, y : y + h, x : x + w] = low + (high - low) * noise
-                labels[b, y : y + h, x : x + w] = IGNORE_INDEX
+                img[..., y : y + h, x : x + w] = low + (high - low) * noise
+                labels[b, ..., y : y + h, x : x + w] = IGNORE_INDEX
             images[b] = img
     return images, labels

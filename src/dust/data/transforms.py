@@ -1,71 +1,91 @@
-"""2D augmentation applied identically to an image and its (pseudo-)label, and resizing to the patch size.
+"""Augmentation applied identically to an image and its (pseudo-)label, in 2D or 3D, and resizing / resampling.
 
-One affine resampling per sample does rotation and resize together (``grid_sample``: bilinear for images,
-nearest for labels), so a training batch costs a handful of small tensor ops instead of SciPy calls per sample.
+Items are ``(C, *spatial)``; augmentation acts on the last two axes (the in-plane axes of dust's (S, H, W) order),
+so a 2D slice and a 3D volume go through the same code. Two spatial policies make a training patch:
+
+- ``resize`` (:func:`augment_pair`): the whole item resized to the patch, SSL4MIS's 2D ACDC pipeline. One affine
+  resampling per sample does rotation and resize together (``grid_sample``: linear for images, nearest for labels).
+- ``crop`` (:func:`augment_crop`): in-plane rot90 + flip, optional small rotation, pad if smaller than the patch,
+  random crop (optionally centred on a foreground voxel), as the left-atrium papers (UA-MT's RandomRotFlip +
+  RandomCrop) and nnU-Net do.
+
 The random draws come from an explicit ``torch.Generator`` that the sampler saves and restores on resume.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+INTERPOLATIONS = ("bilinear", "nearest")
 
-def _rotation_theta(angle_deg: float, height: int, width: int) -> torch.Tensor:
-    """Affine matrix (normalised coordinates) for a rotation in pixel space of a (height, width) image.
 
-    grid_sample works in [-1, 1] coordinates per axis; for a non-square image a rotation in pixel space is
-    S^-1 R S with S = diag(W/2, H/2), otherwise the anatomy would be sheared.
+def _rotation_theta(angle_deg: float, height: int, width: int, spatial_dims: int = 2) -> torch.Tensor:
+    """Affine matrix (normalised coordinates) for a rotation in the (H, W) plane of an item of size (.., H, W).
+
+    grid_sample works in [-1, 1] coordinates per axis; for a non-square plane a rotation in pixel space is
+    S^-1 R S with S = diag(W/2, H/2), otherwise the anatomy would be sheared. In 3D the slice axis is left alone.
     """
     a = math.radians(angle_deg)
     c, s = math.cos(a), math.sin(a)
-    return torch.tensor(
-        [[c, -s * height / width, 0.0], [s * width / height, c, 0.0]], dtype=torch.float32
-    )
+    plane = [[c, -s * height / width], [s * width / height, c]]
+    if spatial_dims == 2:
+        return torch.tensor([[*plane[0], 0.0], [*plane[1], 0.0]], dtype=torch.float32)
+    # affine_grid orders a 3D grid's coordinates (x, y, z) = (W, H, S)
+    return torch.tensor([[*plane[0], 0.0, 0.0], [*plane[1], 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32)
+
+
+def _rot_flip(image: torch.Tensor, label: torch.Tensor | None, k: int, axis: int):
+    """rot90 by k in the (H, W) plane, then a flip along in-plane axis 1 (H) or 2 (W)."""
+    image = torch.flip(torch.rot90(image, k, (-2, -1)), (image.dim() - 3 + axis,))
+    if label is not None:
+        label = torch.flip(torch.rot90(label, k, (-2, -1)), (label.dim() - 3 + axis,))
+    return image, label
 
 
 def augment_pair(
     image: torch.Tensor,
     label: torch.Tensor | None,
-    patch_size: tuple[int, int],
+    patch_size: Sequence[int],
     generator: torch.Generator,
     rot_flip: bool = True,
     rotate_deg: float = 20.0,
     interpolation: str = "bilinear",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random rot90 + flip (p=0.5), else a random rotation in ±rotate_deg (p=0.5), resize to patch_size.
+    """The ``resize`` policy: random rot90 + flip (p=0.5), else a random rotation in ±rotate_deg (p=0.5), resize to
+    patch_size.
 
     The probabilities are SSL4MIS's RandomGenerator, so baselines see the augmentation they were tuned with.
 
-    image (C, H, W) float, label (H, W) integer or None -> image (C, h, w), label (h, w) int64 or None.
-    ``interpolation`` resamples the image (``bilinear``, or ``nearest`` as SSL4MIS's order-0 zoom does);
+    image (C, *spatial) float, label (*spatial) integer or None -> image (C, *patch), label (*patch) int64 or None.
+    ``interpolation`` resamples the image (``bilinear``: linear, or ``nearest`` as SSL4MIS's order-0 zoom does);
     labels are always resampled with nearest neighbour.
     """
     if rot_flip and torch.rand((), generator=generator) < 0.5:
         k = int(torch.randint(0, 4, (), generator=generator))
         axis = int(torch.randint(1, 3, (), generator=generator))
-        image = torch.flip(torch.rot90(image, k, (1, 2)), (axis,))
-        if label is not None:
-            label = torch.flip(torch.rot90(label, k, (0, 1)), (axis - 1,))
+        image, label = _rot_flip(image, label, k, axis)
         angle = 0.0
     elif rotate_deg > 0 and torch.rand((), generator=generator) < 0.5:
         angle = float((torch.rand((), generator=generator) * 2 - 1) * rotate_deg)
     else:
         angle = 0.0
-    return _resample(image, label, patch_size, angle, interpolation)
+    return _resample(image, label, tuple(patch_size), angle, interpolation)
 
 
 def _resample(
-    image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int], angle_deg: float, interpolation: str
+    image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, ...], angle_deg: float, interpolation: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate by ``angle_deg`` in the (H, W) plane and resample to ``size`` in one ``grid_sample``."""
     h, w = image.shape[-2:]
     if angle_deg == 0.0:
         out = resize_image(image[None], size, interpolation)[0]
         lab = None if label is None else resize_label(label[None], size)[0]
         return out, lab
-    theta = _rotation_theta(angle_deg, h, w)[None]
+    theta = _rotation_theta(angle_deg, h, w, len(size))[None]
     grid = F.affine_grid(theta, [1, image.shape[0], *size], align_corners=False)
     out = F.grid_sample(image[None].float(), grid, mode=interpolation, padding_mode="zeros", align_corners=False)[0]
     lab = None
@@ -74,22 +94,80 @@ def _resample(
     return out, lab
 
 
-INTERPOLATIONS = ("bilinear", "nearest")
+def augment_crop(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    patch_size: Sequence[int],
+    generator: torch.Generator,
+    rot_flip: bool = True,
+    rotate_deg: float = 0.0,
+    interpolation: str = "bilinear",
+    foreground_oversample: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``crop`` policy: rot90 by a random k and a flip along a random in-plane axis (always, as UA-MT's
+    RandomRotFlip), a rotation in ±rotate_deg (p=0.5, when rotate_deg > 0), zero padding to at least the patch,
+    then a random crop of ``patch_size``.
+
+    With ``foreground_oversample`` p and a label holding foreground, a share p of crops is centred on a random
+    foreground voxel (clamped to the item), as nnU-Net oversamples foreground; the others start uniformly.
+    image (C, *spatial), label (*spatial) or None -> image (C, *patch), label (*patch) int64 or None.
+    """
+    if rot_flip:
+        k = int(torch.randint(0, 4, (), generator=generator))
+        axis = int(torch.randint(1, 3, (), generator=generator))
+        image, label = _rot_flip(image, label, k, axis)
+    if rotate_deg > 0 and torch.rand((), generator=generator) < 0.5:
+        angle = float((torch.rand((), generator=generator) * 2 - 1) * rotate_deg)
+        image, label = _resample(image, label, tuple(image.shape[1:]), angle, interpolation)
+    image, label = pad_to(image, label, patch_size)
+    size = image.shape[1:]
+    centre = None
+    if label is not None and foreground_oversample > 0 and torch.rand((), generator=generator) < foreground_oversample:
+        foreground = torch.nonzero(label > 0)
+        if len(foreground):
+            centre = foreground[int(torch.randint(0, len(foreground), (), generator=generator))].tolist()
+    if centre is None:
+        starts = [int(torch.randint(0, s - p + 1, (), generator=generator)) for s, p in zip(size, patch_size,
+                                                                                              strict=True)]
+    else:
+        starts = [min(max(c - p // 2, 0), s - p) for c, s, p in zip(centre, size, patch_size, strict=True)]
+    window = tuple(slice(b, b + p) for b, p in zip(starts, patch_size, strict=True))
+    image = image[(slice(None), *window)].contiguous().float()
+    return image, None if label is None else label[window].contiguous().long()
 
 
-def resize_image(images: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, h, w), bilinear or nearest (images; probability maps always bilinear)."""
+def pad_to(image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int]):
+    """Zero-pad (C, *spatial) and (*spatial) symmetrically to at least ``size`` per axis (label: background)."""
+    missing = [max(p - s, 0) for s, p in zip(image.shape[1:], size, strict=True)]
+    if not any(missing):
+        return image, label
+    pads = [v for m in reversed(missing) for v in (m // 2, m - m // 2)]  # F.pad: last axis first
+    image = F.pad(image, pads)
+    return image, None if label is None else F.pad(label, pads)
+
+
+def _linear(size: Sequence[int]) -> str:
+    return {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+
+
+def resize_image(images: torch.Tensor, size: Sequence[int], interpolation: str = "bilinear") -> torch.Tensor:
+    """(B, C, *spatial) -> (B, C, *size), linear (``bilinear``: bi- or trilinear) or ``nearest``."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown image_interpolation {interpolation!r}; choose one of {INTERPOLATIONS}")
-    if tuple(images.shape[-2:]) == tuple(size):
+    if tuple(images.shape[2:]) == tuple(size):
         return images.float()
     if interpolation == "nearest":
         return F.interpolate(images.float(), size=tuple(size), mode="nearest")
-    return F.interpolate(images.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(images.float(), size=tuple(size), mode=_linear(size), align_corners=False)
 
 
-def resize_label(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) integer -> (B, h, w) int64, nearest neighbour."""
-    if tuple(labels.shape[-2:]) == tuple(size):
+def resize_label(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, *spatial) integer -> (B, *size) int64, nearest neighbour."""
+    if tuple(labels.shape[1:]) == tuple(size):
         return labels.long()
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+def resampled_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
+    """The grid a case of ``shape`` is trained on at ``resample_factor`` (at least one voxel per axis)."""
+    return tuple(max(1, round(s * factor)) for s in shape)

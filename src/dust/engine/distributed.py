@@ -44,7 +44,7 @@ from dust.config import ConfigError
 
 if TYPE_CHECKING:
     from dust.data.sampler import TwoStreamSampler
-    from dust.data.ssl4mis import Volume
+    from dust.data.types import Volume
     from dust.methods import Method
 
 log = logging.getLogger("dust")

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dust.data.ssl4mis import Volume
-from dust.engine.inference import predict_volume
+from dust.data.types import Volume
+from dust.engine.inference import Predictor
 from dust.metrics import case_metrics, summarize, write_case_csv
 
 
@@ -28,14 +28,12 @@ def evaluate_volumes(
     class_names = {i: n for i, n in enumerate(cfg["class_names"]) if i > 0}
     for net in method.networks.values():
         net.eval()
+    predictor = Predictor.from_config(cfg, device)
     per_case = []
     for vol in volumes:
         if vol.label is None:
             raise ValueError(f"volume {vol.case_id} has no label to evaluate against")
-        probs = predict_volume(
-            method.predict, vol.image, tuple(cfg["patch_size"]), device, cfg["bf16"], cfg["channels_last"],
-            interpolation=cfg["image_interpolation"],
-        )
+        probs = predictor.case(lambda x: (method.predict(x),), vol.image)[0]  # on the label's own grid
         pred = probs.argmax(0).numpy().astype(np.uint8)
         per_case.append(case_metrics(pred, vol.label, class_names, vol.spacing, distances=distances))
     return per_case, summarize(per_case)

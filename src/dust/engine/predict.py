@@ -1,8 +1,9 @@
 """Trained checkpoints applied to new cases: ``dust predict``, ``dust rank``, and scoring folders of NIfTIs.
 
 A case is read the way ``dust prepare`` read the training data (the checkpoint's config records
-``modalities``, ``intensity_norm`` and ``slice_axis``), predicted slice by slice with
-:func:`dust.engine.inference.predict_volume`, and written back on the input's own voxel grid with its affine
+``modalities``, ``intensity_norm`` and ``slice_axis``), predicted by the engine's one inference path
+(:class:`dust.engine.inference.Predictor`: slice by slice for a 2D model, a sliding window for a 3D one), and
+written back on the input's own voxel grid with its affine
 and header (:mod:`dust.data.nifti`), so a viewer overlays it on the input without resampling.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,14 @@ from dust.data.nifti import (
     write_stored,
 )
 from dust.data.prepare import RECORDED_KEYS
-from dust.data.ssl4mis import DataError
+from dust.data.types import DataError
 from dust.engine.checkpoint import CheckpointError, load_checkpoint
-from dust.engine.inference import predict_volume, predict_volume_heads
+from dust.engine.inference import Predictor
 from dust.engine.trainer import build_method, pick_device
 from dust.engine.workflows import full_config, load_trained
 from dust.methods import Method
 from dust.metrics import case_metrics, summarize, write_case_csv
-from dust.models import DualDecoderUNet2D
-from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty
+from dust.uncertainty import sample_uncertainty, uncertainty_map
 
 log = logging.getLogger("dust")
 
@@ -77,22 +77,6 @@ def _read_case(case: InputCase, cfg: dict[str, Any]):
     return image, grid
 
 
-def _heads(method: Method, uncertainty: bool) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Logits per forward: the method's prediction, then (for the KL map) both decoders of a dual-decoder net."""
-    net = method.networks.get("model")
-    if uncertainty and isinstance(net, DualDecoderUNet2D):
-        # labels stay method.predict's (what evaluation scores); the decoders' disagreement needs both outputs
-        return lambda x: (method.predict(x), *net(x))
-    return lambda x: (method.predict(x),)
-
-
-def uncertainty_map(probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(S, H, W) float32 from the heads' probabilities (K, S, H, W): D_kl(main || aux) of the two decoders
-    (DUST Eq. 2) when there are three heads (prediction, main, aux), else the prediction's entropy."""
-    log_probs = [torch.log(p.clamp_min(1e-12)).permute(1, 0, 2, 3) for p in probs]  # (S, K, H, W) each
-    return decoder_kl(log_probs[1], log_probs[2]) if len(log_probs) == 3 else predictive_entropy(log_probs[0])
-
-
 def predict_cases(
     checkpoint: Path, input_path: Path, out_dir: Path, uncertainty: bool = False, progress: bool = True
 ) -> list[Path]:
@@ -101,14 +85,14 @@ def predict_cases(
     if out_dir.resolve() == folder.resolve():
         raise ValueError(f"{out_dir}: the output folder is the input folder; predictions would overwrite images")
     method, cfg = load_for_inference(checkpoint)
-    device = pick_device(cfg["device"])
+    predictor = Predictor.from_config(cfg, pick_device(cfg["device"]))
     cases = find_input_cases(input_path)
-    heads = _heads(method, uncertainty)
+    # labels stay method.predict's (what evaluation scores); the uncertainty needs the method's extra heads
+    heads = method.inference_heads if uncertainty else (lambda x: (method.predict(x),))
     written = []
     for case in _progress(cases, "predict", progress):
         image, grid = _read_case(case, cfg)
-        probs = predict_volume_heads(heads, image, tuple(cfg["patch_size"]), device, cfg["bf16"],
-                                     cfg["channels_last"], interpolation=cfg["image_interpolation"])
+        probs = predictor.case(heads, image)
         path = out_dir / f"{case.case_id}{case.ending}"
         write_stored(grid, probs[0].argmax(0).numpy().astype(np.uint8), np.uint8, path)
         written.append(path)
@@ -131,24 +115,20 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
     models = [load_for_inference(Path(p)) for p in checkpoints]
     cfg = models[-1][1]
     for (_, other), path in zip(models, checkpoints, strict=True):
-        for key in (*RECORDED_KEYS, "patch_size", "image_interpolation"):
+        for key in (*RECORDED_KEYS, "patch_size", "image_interpolation", "spatial_policy", "resample_factor"):
             if other[key] != cfg[key]:
                 raise CheckpointError(f"{path}: {key}={other[key]!r} differs from {checkpoints[-1]}'s {cfg[key]!r}; "
                                       "rank with checkpoints of one run")
     device = pick_device(cfg["device"])
+    predictors = [(m, Predictor.from_config(c, device)) for m, c in models]
     region = cfg.get("sample_uncertainty_region", "image")  # as the run ranked its pool
     rows = []
     for case in _progress(find_input_cases(input_path), "rank", progress):
         image, _ = _read_case(case, cfg)
-        probs = torch.stack([
-            predict_volume(m.predict, image, tuple(c["patch_size"]), device, c["bf16"], c["channels_last"],
-                           interpolation=c["image_interpolation"])
-            for m, c in models
-        ])  # (K checkpoints, classes, S, H, W)
-        # the volume as one image of S*H rows: its mean over all (or all foreground) voxels
-        k, c, s, h, w = probs.shape
-        volume = sample_uncertainty(probs.reshape(k, 1, c, s * h, w), region)[0]
-        per_slice = sample_uncertainty(probs.permute(0, 2, 1, 3, 4), region)  # inf: no foreground on a slice
+        # (K checkpoints, classes, S, H, W) on the case's grid
+        probs = torch.stack([predictor.case(lambda x, m=m: (m.predict(x),), image)[0] for m, predictor in predictors])
+        volume = sample_uncertainty(probs[:, None], region)[0]  # the mean over all (or all foreground) voxels
+        per_slice = sample_uncertainty(probs.transpose(1, 2), region)  # inf: no foreground on a slice
         rows.append({"case": case.case_id, "uncertainty": float(volume), "slices": len(per_slice),
                      "hardest_slice": int(torch.where(per_slice.isfinite(), per_slice, -1.0).argmax())})
     rows.sort(key=lambda r: -r["uncertainty"])  # stable: ties keep case order

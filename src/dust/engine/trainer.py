@@ -37,6 +37,7 @@ from dust.engine.checkpoint import (
 )
 from dust.engine.errors import NonFiniteLossError
 from dust.methods import Method, Stage, get_method
+from dust.models.layers import memory_format, to_channels_last
 
 log = logging.getLogger("dust")
 
@@ -69,10 +70,11 @@ def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
     method.build()
     if not method.networks:
         raise ValueError(f"method {cfg['method']!r} built no networks in build()")
+    layout = memory_format(len(cfg["patch_size"]) + 2)  # channels_last (2D) or channels_last_3d (3D)
     for name, net in method.networks.items():
         net.to(device)
         if cfg["channels_last"]:
-            method.networks[name] = net.to(memory_format=torch.channels_last)
+            method.networks[name] = net.to(memory_format=layout)
     return method
 
 
@@ -179,9 +181,7 @@ class Trainer:
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        if self.cfg["channels_last"] and x.dim() == 4 and x.is_floating_point():
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return to_channels_last(x) if self.cfg["channels_last"] else x
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["bf16"]))
@@ -290,7 +290,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         method.on_train_start(self)
         log.info(
-            "method %s | %d labelled / %d unlabelled slices | %d val volumes | %d iterations | device %s",
+            "method %s | %d labelled / %d unlabelled items | %d val volumes | %d iterations | device %s",
             cfg["method"], len(self.data.labeled), len(self.data.unlabeled), len(self.data.val),
             self.total_iterations, self.device,
         )

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from dust.config import format_run_dir, resolve_config, resolve_data_dir
-from dust.data import load_training_data
+from dust.data import load_split, write_phantom
 from dust.data.check import check_data, raise_if_problems
-from dust.data.ssl4mis import load_volumes
 from dust.engine import distributed
 from dust.engine.checkpoint import CheckpointError, atomic_write_text, check_compatible, load_checkpoint
 from dust.engine.evaluation import evaluate_volumes, write_evaluation
@@ -144,8 +143,8 @@ def evaluate_checkpoint(
     method, cfg = load_trained(path)
     root = resolve_data_dir(data_dir or cfg["data_dir"])
     if data_dir is None and cfg["generate_phantom"]:
-        load_training_data(cfg, root)  # makes sure the phantom exists
-    volumes = load_volumes(root, split, cfg["num_classes"])
+        write_phantom(cfg, root)  # makes sure the phantom exists
+    volumes = load_split(cfg, root, split)
     per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
     out_dir = out_dir or path.parent.parent
     write_evaluation(out_dir, f"{split}_{tag or path.stem}", volumes, per_case, summary)
@@ -156,7 +155,7 @@ def chance_dice(cfg: dict[str, Any]) -> dict:
     """Dice of a uniformly random prediction on the validation volumes: the floor a trained model must beat."""
     rng = np.random.default_rng(0)
     names = {i: n for i, n in enumerate(cfg["class_names"]) if i > 0}
-    volumes = load_volumes(resolve_data_dir(cfg["data_dir"]), cfg["val_split"], cfg["num_classes"])
+    volumes = load_split(cfg, resolve_data_dir(cfg["data_dir"]), cfg["val_split"])
     return summarize([
         case_metrics(rng.integers(0, cfg["num_classes"], v.label.shape), v.label, names, distances=False)
         for v in volumes

@@ -16,8 +16,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) 
     This is the Dice term of the paper's Eq. 5 as implemented by SSL4MIS's DiceLoss (softmax, one-hot target).
     """
     probs = torch.softmax(logits.float(), dim=1)
-    onehot = F.one_hot(target.long(), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
+    onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0, *range(2, probs.dim()))  # the batch and every spatial axis: one Dice per class
     intersect = (probs * onehot).sum(dims)
     denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
     return (1 - (2 * intersect + smooth) / (denom + smooth)).mean()
@@ -34,7 +34,7 @@ def uncertainty_rectified_loss(
     """DUST's UNRC loss (Eq. 4): mean over pixels of exp(-D_kl) * CE(main, pseudo-label) + D_kl.
 
     D_kl is the decoder disagreement of Eq. 2, from the main decoder to the auxiliary one. Returns the loss
-    and the D_kl map (B, H, W) (detached, for logging). As written, the gradient also flows through the
+    and the D_kl map (B, *spatial) (detached, for logging). As written, the gradient also flows through the
     weight exp(-D_kl); ``detach_weight`` stops it there (see the DUST method's ``detach_uncertainty_weight``).
     """
     dkl = decoder_kl(main_logits, aux_logits)

@@ -69,8 +69,17 @@ class Method:
         """Called after each optimiser step (EMA updates and the like)."""
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, K, H, W) used for validation and inference; the engine sets eval mode."""
-        return self.networks["model"](x)
+        """Class logits (B, K, *spatial) used for validation and inference; the engine sets eval mode."""
+        return self.networks["model"].forward_main(x)
+
+    def inference_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The prediction's logits, then the logits whose disagreement is the pixel uncertainty: both decoders of
+        a network with paired decoders (their KL, DUST Eq. 2), or none (callers then use the prediction's
+        entropy). ``dust predict --uncertainty``, the report and the pool inference of self-training read this."""
+        net = self.networks["model"]
+        if getattr(net, "paired_decoders", False):
+            return (self.predict(x), *net(x))
+        return (self.predict(x),)
 
     def extra_state(self) -> dict[str, Any]:
         """Method state beyond network weights that a resumed run needs (pseudo-labels, orderings)."""

@@ -1,6 +1,6 @@
 """Cross pseudo supervision, CPS (Chen et al., CVPR 2021).
 
-Two U-Nets of the same shape, initialised differently (as SSL4MIS: every Conv2d weight kaiming-normal in
+Two networks of the same shape, initialised differently (as SSL4MIS: every convolution weight kaiming-normal in
 ``model``, xavier-normal in ``model2``; BatchNorm weight 1, bias 0; the rest PyTorch's defaults), both optimised.
 Each is supervised on the labelled slices with (Dice + CE) / 2 and by the other's hard pseudo-label (argmax,
 no gradient) with CE, weighted by consistency_weight * sigmoid ramp-up over ``rampup_fraction`` of the run.
@@ -28,11 +28,12 @@ from dust.models import make_model
 
 
 def init_conv_weights(net: nn.Module, init: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
-    """``init`` on every Conv2d weight (not the transposed convolutions), BatchNorm to weight 1, bias 0."""
+    """``init`` on every convolution weight (2D or 3D; not the transposed convolutions), BatchNorm to weight 1,
+    bias 0."""
     for m in net.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d | nn.Conv3d):
             init(m.weight)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     return net

@@ -85,7 +85,7 @@ _FIGURE_EXAMPLES = 4
 class DUST(StagedSelfTraining):
     """Full DUST (Table 3 "ST+SS+UNRC"); the two switches below are what the ablation subclasses turn off."""
 
-    model_name = "dual_unet2d"
+    model_variant = "dual"  # two decoders of the configured family: dual U-Net in 2D, dual VNet in 3D
     sample_sorting = True  # SS module: sort the pool by Eq. 1, reliable part first
     unrc = True  # UNRC module: Eq. 4 instead of plain CE on pseudo-labels
     defaults = {**SCHEDULE_DEFAULTS, **_SAMPLE_SORTING, **_UNRC, **_OUTPUT, **_PSEUDO_LABEL_OPTIONS}
@@ -132,6 +132,10 @@ class DUST(StagedSelfTraining):
             return net.forward_main(x)
         return self._output(*net(x))
 
+    def inference_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        main, aux = self.networks["model"](x)  # one forward for the prediction and the decoders' KL
+        return self._output(main, aux), main, aux
+
     def _output(self, main: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         """The output logits per ``output_decoder``; "mean" returns log of the averaged probabilities."""
         if self.cfg["output_decoder"] == "main":
@@ -163,13 +167,17 @@ class DUST(StagedSelfTraining):
     def _forward(
         self, nets: list[nn.Module], indices: list[int], trainer: Trainer, aux: bool = True
     ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
-        """(pool indices, images at patch size, [(main, aux or None) logits in float32 per net]) per batch."""
+        """(pool indices, what the model saw, [(main, aux or None) float32 logits per net]) per batch of slices
+        (2D) or per volume (3D, sliding window), all nets in one pass over the pool."""
         for net in nets:
             net.eval()  # the engine puts them back in train mode before the next step
-        for idx, x in self.pool_batches(indices, trainer):
-            with torch.inference_mode(), trainer.autocast():
-                outs = [net(x) if aux else (net.forward_main(x), None) for net in nets]
-            yield idx, x, [(m.float(), None if a is None else a.float()) for m, a in outs]
+        per_net = 2 if aux else 1
+
+        def heads(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(z for net in nets for z in (net(x) if aux else (net.forward_main(x),)))
+
+        for idx, x, outs in self.pool_outputs(heads, indices, trainer):
+            yield idx, x, [(outs[k * per_net], outs[k * per_net + 1] if aux else None) for k in range(len(nets))]
 
     def _sort_pool(self, trainer: Trainer) -> None:
         """Eq. 1 from the K pre-training snapshots, then the ascending sort and the reliable split."""
@@ -188,33 +196,40 @@ class DUST(StagedSelfTraining):
         write_sample_uncertainty_csv(csv_path, pool.ids, pool.patients, self.uncertainty, self.order, self.reliable)
         u = self.uncertainty[self.order]
         log.info(
-            "sample uncertainty (Eq. 1, K=%d): %d unlabelled slices, range %.3g..%.3g; reliable %d (<= %.3g), "
+            "sample uncertainty (Eq. 1, K=%d): %d unlabelled items, range %.3g..%.3g; reliable %d (<= %.3g), "
             "unreliable %d; ranked list: %s", len(snapshots), len(pool), u[0], u[-1], len(self.reliable),
             u[len(self.reliable) - 1], len(unreliable), csv_path,
         )
 
     def _pseudo_label(self, indices: torch.Tensor, stage: str, trainer: Trainer) -> None:
-        """Argmax of the output (``output_decoder``) at patch size, resized (nearest) to each slice's size; a figure."""
+        """Argmax of the output (``output_decoder``) on the model's grid, resized (nearest) to each item's; a figure
+        (for volumes: the slice of each example with the most pseudo-labelled foreground)."""
         pool, net = trainer.data.unlabeled, self.networks["model"]
-        labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)  # slices outside this stage stay empty
+        labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)  # items outside this stage stay empty
         picks = indices[torch.linspace(0, len(indices) - 1, min(_FIGURE_EXAMPLES, len(indices))).long()].tolist()
         panels: dict[str, list] = {"titles": [], "images": [], "labels": [], "kl_maps": [], "entropy_maps": []}
         for idx, x, [(main, aux)] in self._forward([net], indices.tolist(), trainer):
             patch_labels = self._output(main, aux).argmax(1).cpu()
             for j, i in enumerate(idx):
-                labels[i] = self.label_at_slice_size(patch_labels[j], pool.images[i])
+                labels[i] = self.label_on_item_grid(patch_labels[j], pool.images[i])
                 if i in picks:
                     u = "" if self.uncertainty is None else f"\nsample uncertainty {float(self.uncertainty[i]):.3g}"
+                    kl = decoder_kl(main[j : j + 1], aux[j : j + 1])[0].cpu()
+                    entropy = predictive_entropy(main[j : j + 1])[0].cpu()
+                    image, label = x[j].float().cpu(), patch_labels[j]
+                    if label.dim() == 3:  # a volume: show one slice of it
+                        s = int((label > 0).flatten(1).sum(1).argmax())
+                        image, label, kl, entropy, u = image[:, s], label[s], kl[s], entropy[s], f"{u}\nslice {s}"
                     panels["titles"].append(f"{pool.ids[i]}{u}")
-                    panels["images"].append(x[j].float().cpu())
-                    panels["labels"].append(patch_labels[j])
-                    panels["kl_maps"].append(decoder_kl(main[j : j + 1], aux[j : j + 1])[0].cpu())
-                    panels["entropy_maps"].append(predictive_entropy(main[j : j + 1])[0].cpu())
+                    panels["images"].append(image)
+                    panels["labels"].append(label)
+                    panels["kl_maps"].append(kl)
+                    panels["entropy_maps"].append(entropy)
         pool.pseudo_labels = labels
         save_uncertainty_figure(
             trainer.run_dir / "figures" / f"{stage}_pseudo_labels.png", **panels, num_classes=self.cfg["num_classes"]
         )
-        log.info("%s: pseudo-labels for %d of %d unlabelled slices", stage, len(indices), len(pool))
+        log.info("%s: pseudo-labels for %d of %d unlabelled items", stage, len(indices), len(pool))
 
 
 @register("st_ss")

@@ -44,7 +44,7 @@ log = logging.getLogger("dust")
 
 
 def checkpoint_stability(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(K, N, H, W) argmax maps of K checkpoints -> (N,) mean over k < K of mIoU(prediction k, prediction K)."""
+    """(K, N, *spatial) argmax maps of K checkpoints -> (N,) mean over k < K of mIoU(prediction k, prediction K)."""
     reference, per_checkpoint = predictions[-1], []
     for pred in predictions[:-1]:
         ious = []
@@ -95,9 +95,9 @@ class STPlusPlus(StagedSelfTraining):
         for net in snapshots:
             net.eval()
         stability = []
-        for _, x in self.pool_batches(list(range(len(pool))), trainer):
-            with torch.inference_mode(), trainer.autocast():
-                predictions = torch.stack([net(x).argmax(1) for net in snapshots])
+        heads = lambda x: tuple(net(x) for net in snapshots)  # noqa: E731
+        for _, _, outs in self.pool_outputs(heads, list(range(len(pool))), trainer):
+            predictions = torch.stack([z.argmax(1) for z in outs])
             stability.append(checkpoint_stability(predictions, int(self.cfg["num_classes"])).cpu())
         self.uncertainty = 1 - torch.cat(stability)  # ascending uncertainty = descending stability
         self.order, self.reliable, _ = split_by_uncertainty(self.uncertainty, self.cfg["reliable_fraction"])
@@ -111,9 +111,8 @@ class STPlusPlus(StagedSelfTraining):
         if pool.pseudo_labels is None:
             pool.pseudo_labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)
         net.eval()  # the engine puts it back in train mode before the next step
-        for idx, x in self.pool_batches(indices.tolist(), trainer):
-            with torch.inference_mode(), trainer.autocast():
-                labels = net(x).argmax(1).cpu()
+        for idx, _, [logits] in self.pool_outputs(lambda x: (net(x),), indices.tolist(), trainer):
+            labels = logits.argmax(1).cpu()
             for j, i in enumerate(idx):
-                pool.pseudo_labels[i] = self.label_at_slice_size(labels[j], pool.images[i])
-        log.info("%d unlabelled slices pseudo-labelled", len(indices))
+                pool.pseudo_labels[i] = self.label_on_item_grid(labels[j], pool.images[i])
+        log.info("%d unlabelled items pseudo-labelled", len(indices))

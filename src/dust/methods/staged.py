@@ -1,11 +1,12 @@
 """Three-stage self-training shared by DUST and ST++ (one schedule, snapshots, offline pseudo-labels).
 
-Both methods pre-train a teacher on labelled slices while writing K snapshots, rank the unlabelled pool by how
+Both methods pre-train a teacher on labelled items while writing K snapshots, rank the unlabelled pool by how
 much the snapshots disagree, re-train on labelled + the reliable part with fixed pseudo-labels (stage 1), then on
 labelled + the whole pool (stage 2). This base class holds what they share: the stages as fractions of
-``cfg["iterations"]``, the snapshot files, batched inference over the pool at patch size, pseudo-labels stored at
-each slice's own size in ``SliceSet.pseudo_labels`` (the sampler augments them with their image), and the state a
-resumed run needs. The network, the ranking score, which slices get (re)labelled and the loss stay in the method.
+``cfg["iterations"]``, the snapshot files, inference over the pool (the engine's one inference path: batches of
+slices at patch size in 2D, a sliding window over each volume in 3D), pseudo-labels stored on each item's own grid
+in ``ItemSet.pseudo_labels`` (the sampler augments or crops them with their image), and the state a resumed run
+needs. The network, the ranking score, which items get (re)labelled and the loss stay in the method.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from dust.config import ConfigError
-from dust.data.transforms import resize_image, resize_label
+from dust.data.transforms import resize_label
 from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import atomic_save, load_checkpoint
+from dust.engine.inference import Heads, Predictor
 from dust.methods.base import Method, Stage
 from dust.models import make_model
 
@@ -40,13 +42,12 @@ SORTING_DEFAULTS = {
     # the papers; needs batchnorm_recalibration_batches > 0.
     "snapshot_batchnorm_recalibration": False,
 }
-INFERENCE_BATCH = 64  # slices per forward when ranking / pseudo-labelling the pool
 
 
 class StagedSelfTraining(Method):
-    """pretrain -> stage1 -> stage2; subclasses set ``model_name`` and implement the stage starts and the loss."""
+    """pretrain -> stage1 -> stage2; subclasses set ``model_variant`` and implement the stage starts and the loss."""
 
-    model_name = "unet2d"  # the make_model name of the one network ("model")
+    model_variant = "plain"  # which variant of the configured family the one network ("model") is: plain | dual
     sample_sorting = True  # write K pre-training snapshots to rank the pool with
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -57,7 +58,7 @@ class StagedSelfTraining(Method):
         self.reliable: torch.Tensor | None = None  # the first reliable_fraction of order
 
     def build(self) -> None:
-        self.networks["model"] = make_model(self.cfg, self.model_name)
+        self.networks["model"] = make_model(self.cfg, variant=self.model_variant)
         # checked here so a bad checkpoint_points fails before training, not at the end of pre-training
         self.snapshot_at = self._snapshot_iterations() if self.sample_sorting else []
         if self.cfg.get("snapshot_batchnorm_recalibration") and not self.cfg["batchnorm_recalibration_batches"]:
@@ -111,19 +112,19 @@ class StagedSelfTraining(Method):
                 recalibrate_batchnorm({"model": net}, net, batches, self.trainer.autocast())
         return snapshots
 
-    def pool_batches(self, indices: list[int], trainer: Trainer) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """(pool indices, their images resized to the patch size on the device) in inference-sized batches."""
-        pool, size = trainer.data.unlabeled, tuple(self.cfg["patch_size"])
-        for start in range(0, len(indices), INFERENCE_BATCH):
-            idx = indices[start : start + INFERENCE_BATCH]
-            yield idx, trainer.to_device(torch.cat([
-                resize_image(pool.images[i][None], size, self.cfg["image_interpolation"]) for i in idx
-            ]))
+    def pool_outputs(
+        self, heads: Heads, indices: list[int], trainer: Trainer
+    ) -> Iterator[tuple[list[int], torch.Tensor, list[torch.Tensor]]]:
+        """(pool indices, what the model saw, per head float32 logits on the model's grid) over the unlabelled
+        items ``indices``, through the engine's inference path (:meth:`Predictor.items`), under autocast."""
+        predictor = Predictor.from_config(self.cfg, trainer.device)
+        yield from predictor.items(heads, trainer.data.unlabeled.images, indices)
 
     @staticmethod
-    def label_at_slice_size(patch_label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """A (h, w) label predicted at patch size, resized (nearest) to its slice's (H, W), as uint8."""
-        return resize_label(patch_label[None], tuple(image.shape[-2:]))[0].to(torch.uint8)
+    def label_on_item_grid(label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """A label predicted on the model's grid (the patch for ``resize``), resized (nearest) to its item's grid
+        (*spatial of ``image`` (C, *spatial)), as uint8."""
+        return resize_label(label[None], tuple(image.shape[1:]))[0].to(torch.uint8)
 
     # ------------------------------------------------------------------ resume
     def extra_state(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Supervised baseline: the labelled slices only, loss (Dice + CE) / 2."""
+"""Supervised baseline: the labelled items only, loss (Dice + CE) / 2; a dual-decoder network has both supervised."""
 
 from __future__ import annotations
 
@@ -20,7 +20,3 @@ class Supervised(Method):
         if isinstance(logits, tuple):  # a dual-decoder model: supervise both decoders
             return {"sup": sum(supervised_loss(out, batch["y_l"]) for out in logits)}
         return {"sup": supervised_loss(logits, batch["y_l"])}
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.networks["model"]
-        return net.forward_main(x) if hasattr(net, "forward_main") else net(x)

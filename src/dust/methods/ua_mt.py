@@ -32,9 +32,9 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
 
     @torch.no_grad()
     def teacher_uncertainty(self, x_u: torch.Tensor) -> torch.Tensor:
-        """Entropy (B, H, W) of the mean softmax over ``mc_passes`` noisy teacher passes (dropout on)."""
+        """Entropy (B, *spatial) of the mean softmax over ``mc_passes`` noisy teacher passes (dropout on)."""
         passes = int(self.cfg["mc_passes"])
-        noisy = input_noise(x_u.repeat(passes, 1, 1, 1))
+        noisy = input_noise(x_u.repeat(passes, *[1] * (x_u.dim() - 1)))
         logits = torch.cat([self.networks["teacher"](chunk) for chunk in noisy.split(2 * len(x_u))])
         mean_probs = torch.softmax(logits.float(), 1).unflatten(0, (passes, len(x_u))).mean(0)
         return predictive_entropy(mean_probs.clamp_min(1e-12).log())

@@ -1,6 +1,6 @@
 """Uncertainty-rectified pyramid consistency, URPC (Luo et al., MICCAI 2021), as in the authors' SSL4MIS code.
 
-One deep-supervision U-Net (``dust.models.DeepSupervisionUNet2D``: main head + heads at 1/2, 1/4, 1/8 with
+One deep-supervision network (``DeepSupervisionUNet`` / ``DeepSupervisionVNet``: main head + heads at 1/2, 1/4, 1/8 with
 dropout / feature-dropout / feature-noise perturbations, upsampled to full size) sees labelled + unlabelled
 slices in one forward. Supervised: the mean over the 4 heads of (Dice + CE) / 2. On unlabelled slices, with p_s
 the softmax of head s and p the mean of the 4: u_s = KL(p || p_s) per pixel (the scale's uncertainty) and
@@ -25,12 +25,12 @@ from dust.models import make_model
 
 
 def rectified_pyramid_consistency(logits_per_scale: list[torch.Tensor]) -> torch.Tensor:
-    """L_urpc over S heads' logits (B, C, H, W), each at full size."""
+    """L_urpc over S heads' logits (B, C, *spatial), each at full size."""
     log_probs = [F.log_softmax(z.float(), 1) for z in logits_per_scale]
     mean = torch.stack([lp.exp() for lp in log_probs]).mean(0)
     terms = []
     for lp in log_probs:
-        kl = (torch.xlogy(mean, mean) - mean * lp).sum(1, keepdim=True)  # KL(mean || p_s), (B, 1, H, W)
+        kl = (torch.xlogy(mean, mean) - mean * lp).sum(1, keepdim=True)  # KL(mean || p_s), (B, 1, *spatial)
         weight = torch.exp(-kl)
         rectified = ((mean - lp.exp()).pow(2) * weight).mean() / (weight.mean() + 1e-8)
         terms.append(rectified + kl.mean())
@@ -43,7 +43,7 @@ class URPC(Method):
     uses_unlabeled = True
 
     def build(self) -> None:
-        self.networks["model"] = make_model(self.cfg, "unet2d_ds")
+        self.networks["model"] = make_model(self.cfg, variant="ds")  # the configured family's deep-supervision net
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         n = len(batch["x_l"])

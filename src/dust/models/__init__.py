@@ -1,28 +1,59 @@
-"""Segmentation networks and a small factory keyed by the config's ``model`` value."""
+"""Segmentation networks and the factory keyed by the config's ``model`` value.
+
+Names are dimension-free: ``unet``, ``dual_unet``, ``unet_ds``, ``vnet``, ``dual_vnet``, ``vnet_ds``; the network is
+2D or 3D as the config's ``patch_size`` has 2 or 3 numbers. The names of the 2D-only days (``unet2d``,
+``dual_unet2d``, ``unet2d_ds``) are aliases, so every stored config, checkpoint and results record still loads.
+A method that needs a variant of the configured family (DUST: two decoders; URPC: deep supervision) asks for it
+with ``make_model(cfg, variant="dual")``, so the same method file builds a U-Net in 2D and a VNet in 3D.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
+from dust.config import ConfigError
+from dust.models.base import SegmentationNetwork
+from dust.models.deep_supervision import DeepSupervisionUNet, DeepSupervisionUNet2D, DeepSupervisionVNet
+from dust.models.unet import DualDecoderUNet, DualDecoderUNet2D, UNet, UNet2D
+from dust.models.vnet import DualDecoderVNet, VNet
 
-from dust.models.deep_supervision import DeepSupervisionUNet2D
-from dust.models.unet2d import DualDecoderUNet2D, UNet2D
+__all__ = ["SegmentationNetwork", "UNet", "DualDecoderUNet", "DeepSupervisionUNet", "VNet", "DualDecoderVNet",
+           "DeepSupervisionVNet", "UNet2D", "DualDecoderUNet2D", "DeepSupervisionUNet2D", "make_model",
+           "model_family", "MODELS"]
 
-__all__ = ["UNet2D", "DualDecoderUNet2D", "DeepSupervisionUNet2D", "make_model"]
+# name -> (family, variant)
+MODELS = {
+    "unet": ("unet", "plain"), "dual_unet": ("unet", "dual"), "unet_ds": ("unet", "ds"),
+    "vnet": ("vnet", "plain"), "dual_vnet": ("vnet", "dual"), "vnet_ds": ("vnet", "ds"),
+}
+ALIASES_2D = {"unet2d": "unet", "dual_unet2d": "dual_unet", "unet2d_ds": "unet_ds"}
+_CLASSES = {
+    ("unet", "plain"): UNet, ("unet", "dual"): DualDecoderUNet, ("unet", "ds"): DeepSupervisionUNet,
+    ("vnet", "plain"): VNet, ("vnet", "dual"): DualDecoderVNet, ("vnet", "ds"): DeepSupervisionVNet,
+}
 
 
-def make_model(cfg: dict[str, Any], model: str | None = None, upsample: str | None = None) -> nn.Module:
-    """Build the network named by ``model`` (default: ``cfg["model"]``) with the config's sizes."""
-    name = model or cfg["model"]
-    common = dict(
-        in_channels=cfg["in_channels"], num_classes=cfg["num_classes"],
-        channels=cfg["channels"], dropout=cfg["dropout"],
-    )
-    if name == "unet2d":
-        return UNet2D(**common, upsample=upsample or cfg["upsample"])
-    if name == "dual_unet2d":
-        return DualDecoderUNet2D(**common)
-    if name == "unet2d_ds":
-        return DeepSupervisionUNet2D(**common, upsample=upsample or cfg["upsample"])
-    raise ValueError(f"unknown model {name!r}; choose unet2d, dual_unet2d or unet2d_ds")
+def model_family(name: str, spatial_dims: int | None = None) -> tuple[str, str]:
+    """(family, variant) of a model name or alias; a 2D alias with a 3D patch is refused."""
+    if name in ALIASES_2D:
+        if spatial_dims not in (None, 2):
+            raise ConfigError(f"model {name!r} is the 2D name of {ALIASES_2D[name]!r}, but patch_size has "
+                              f"{spatial_dims} numbers; write model: {ALIASES_2D[name]}")
+        name = ALIASES_2D[name]
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def make_model(cfg: dict[str, Any], model: str | None = None, upsample: str | None = None,
+               variant: str | None = None) -> SegmentationNetwork:
+    """Build the network named by ``model`` (default: ``cfg["model"]``) with the config's sizes, in
+    ``len(cfg["patch_size"])`` dimensions; ``variant`` (plain | dual | ds) swaps in that variant of its family."""
+    dims = len(cfg["patch_size"])
+    family, named_variant = model_family(model or cfg["model"], dims)
+    cls = _CLASSES[(family, variant or named_variant)]
+    kwargs = dict(in_channels=cfg["in_channels"], num_classes=cfg["num_classes"], channels=cfg["channels"],
+                  dropout=cfg["dropout"], spatial_dims=dims)
+    if (variant or named_variant) != "dual":
+        kwargs["upsample"] = upsample or cfg["upsample"]
+    return cls(**kwargs)

@@ -12,9 +12,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from dust import __version__
 from dust.config import resolve_data_dir
-from dust.data.ssl4mis import DataError, Volume, load_slices, load_volumes
+from dust.data import la, load_split
+from dust.data.ssl4mis import load_slices
+from dust.data.types import DataError, Volume
 from dust.report import figures
 from dust.report.predictions import SlicePredictor, largest_slice, pick_slices
 from dust.report.run import CHECKPOINT_TAGS, RunRecord, load_run
@@ -96,7 +100,7 @@ class ReportBuilder:
         key = (root, run.cfg["val_split"])
         if key not in self._volumes:
             try:
-                vols = load_volumes(root, run.cfg["val_split"], int(run.cfg["num_classes"]))
+                vols = load_split(run.cfg, root, run.cfg["val_split"])
                 self._volumes[key] = {v.case_id: v for v in vols}
             except DataError as err:
                 self._volumes[key] = None
@@ -169,18 +173,17 @@ class ReportBuilder:
             "slices are the ones worth annotating next.</p>",
             _img(figures.sample_uncertainty_histogram(rows), "sample uncertainty histogram"),
         ]
+        kind = "volumes (middle axial slice)" if run.cfg["dataset"] == "la_h5" else "slices"
         ordered = sorted(rows, key=lambda r: r.rank)
         ends = [("easiest", ordered[:THUMBNAILS]), ("hardest", ordered[-THUMBNAILS:][::-1])]
         root = resolve_data_dir(run.cfg["data_dir"])
         try:
             for which, picked in ends:
                 ids = [r.image_id for r in picked]
-                # just these slices: load_training_slices would read the whole unlabelled pool
-                slices = load_slices(root, ids, False, int(run.cfg["num_classes"]))
                 titles = [f"rank {r.rank}\n{r.image_id}\nu = {r.uncertainty:.3g}" for r in picked]
-                parts.append(f"<h4>{which} {len(picked)} unlabelled slices</h4>")
-                parts.append(_img(figures.thumbnails(titles, [im[0].numpy() for im in slices.images]),
-                                  f"{which} unlabelled slices"))
+                parts.append(f"<h4>{which} {len(picked)} unlabelled {kind}</h4>")
+                parts.append(_img(figures.thumbnails(titles, unlabelled_thumbnails(run.cfg, root, ids)),
+                                  f"{which} unlabelled {kind}"))
         except DataError as err:
             run.notes.append(f"thumbnails of unlabelled slices left out: {err}")
         for path in sorted((run.run_dir / "figures").glob("*_pseudo_labels.png")):
@@ -257,6 +260,15 @@ class ReportBuilder:
         title = f"same slice, every run (case {case_id}: where the runs differ most)"
         return (f"<h3>{_e(title)}</h3>"
                 + _img(figures.method_comparison(labels, predictions, int(self.runs[0].cfg["num_classes"])), title))
+
+
+def unlabelled_thumbnails(cfg: dict, root: Path, ids: list[str]) -> list[np.ndarray]:
+    """A grey-value image per unlabelled item: the slice itself, or a volume's middle axial slice. Reads just
+    these items (loading the training data would read the whole pool), and no label."""
+    if cfg["dataset"] == "la_h5":
+        images = [la.read_case(root, case_id, cfg, with_label=False)[0] for case_id in ids]
+        return [image[0, image.shape[1] // 2] for image in images]
+    return [image[0].numpy() for image in load_slices(root, ids, False, int(cfg["num_classes"])).images]
 
 
 def write_report(run_dirs: Sequence[Path | str], out: Path | str, slices_per_case: int = 3) -> Path:

@@ -1,8 +1,9 @@
 """Predictions and pixel uncertainty on a few slices of a validation volume, for the report's overlays.
 
-The trained method is loaded with :func:`dust.engine.workflows.load_trained` and slices are predicted with
-:func:`dust.engine.inference.predict_volume_heads` (the same resizing and autocast as evaluation). Uncertainty is the
-decoders' KL divergence (DUST Eq. 2) for a dual-decoder network, the predictive entropy otherwise.
+The trained method is loaded with :func:`dust.engine.workflows.load_trained` and predicted by the engine's one
+inference path (:class:`dust.engine.inference.Predictor`, as evaluation: a 2D model on the shown slices only, a 3D
+model on the whole volume, of which the slices are shown). Uncertainty comes from the method's
+``inference_heads``: the decoders' KL divergence (DUST Eq. 2) for paired decoders, the predictive entropy otherwise.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dust.data.ssl4mis import Volume
-from dust.engine.inference import predict_volume_heads
+from dust.data.types import Volume
+from dust.engine.inference import Predictor
 from dust.engine.trainer import pick_device
 from dust.engine.workflows import load_trained
-from dust.models import DualDecoderUNet2D
-from dust.uncertainty import decoder_kl, predictive_entropy
-
-_LOG_FLOOR = 1e-8  # probabilities are turned back into log-probabilities; keeps log(0) finite
+from dust.uncertainty import uncertainty_map, uncertainty_name
 
 
 @dataclass
@@ -55,33 +52,23 @@ class SlicePredictor:
 
     def __init__(self, checkpoint: Path) -> None:
         self.method, self.cfg = load_trained(checkpoint)
-        self.device = pick_device(self.cfg["device"])
-        network = self.method.networks.get("model")
-        self.dual = isinstance(network, DualDecoderUNet2D)
-        self.uncertainty_name = "decoder KL (Eq. 2)" if self.dual else "predictive entropy"
+        self.predictor = Predictor.from_config(self.cfg, pick_device(self.cfg["device"]))
 
     def predict(self, volume: Volume, slices: list[int]) -> list[SlicePrediction]:
         if volume.label is None:
             raise ValueError(f"volume {volume.case_id} has no label to show")
         for net in self.method.networks.values():
             net.eval()
-        cfg = self.cfg
-        image = volume.image[:, slices]  # a 2D model predicts each slice on its own
-        network = self.method.networks.get("model")
-
-        def heads(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            # the method's prediction (what evaluation scores) and, for two decoders, both of them
-            return (self.method.predict(x), *network(x)) if self.dual else (self.method.predict(x),)
-
-        probs = predict_volume_heads(heads, image, tuple(cfg["patch_size"]), self.device, cfg["bf16"],
-                                     cfg["channels_last"], interpolation=cfg["image_interpolation"])
-        # (K, S, H, W) -> (S, K, H, W) log-probabilities, which are valid logits: log_softmax(log p) = log p
-        log_probs = [p.permute(1, 0, 2, 3).clamp_min(_LOG_FLOOR).log() for p in probs]
-        main = log_probs[0]
-        uncertainty = decoder_kl(log_probs[1], log_probs[2]) if self.dual else predictive_entropy(main)
-        prediction = main.argmax(1).numpy()
+        # a 2D model predicts each slice on its own; a 3D one needs the whole volume
+        three_d = self.predictor.spatial_dims == 3
+        image = volume.image if three_d else volume.image[:, slices]
+        probs = self.predictor.case(self.method.inference_heads, image)  # heads' (K, S, H, W) probabilities
+        if three_d:
+            probs = [p[:, slices] for p in probs]
+        uncertainty, name = uncertainty_map(probs), uncertainty_name(len(probs))
+        prediction = probs[0].argmax(0).numpy()
         return [
             SlicePrediction(volume.case_id, s, volume.image[0, s], volume.label[s], prediction[j],
-                            uncertainty[j].numpy(), self.uncertainty_name)
+                            uncertainty[j].numpy(), name)
             for j, s in enumerate(slices)
         ]

@@ -2,7 +2,8 @@
 (between the two decoders of a dual-decoder U-Net). ``sample`` and ``pixel`` are pure tensor math; ``report``
 writes what a user reads (the ranked CSV, figures)."""
 
-from dust.uncertainty.pixel import decoder_kl, predictive_entropy
+from dust.uncertainty.pixel import decoder_kl, predictive_entropy, uncertainty_map, uncertainty_name
 from dust.uncertainty.sample import sample_uncertainty, split_by_uncertainty
 
-__all__ = ["decoder_kl", "predictive_entropy", "sample_uncertainty", "split_by_uncertainty"]
+__all__ = ["decoder_kl", "predictive_entropy", "uncertainty_map", "uncertainty_name", "sample_uncertainty",
+           "split_by_uncertainty"]

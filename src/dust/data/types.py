@@ -1,0 +1,109 @@
+"""What every reader returns, whatever the dataset or dimension: training items, whole volumes, data errors.
+
+dust's arrays put the through-plane axis first, (C, S, H, W) for a volume (as SSL4MIS's ACDC h5 files and
+nnU-Net's arrays do); a NIfTI voxel grid maps onto that order through :mod:`dust.data.nifti`. A training item is
+``(C, *spatial)``: a slice (C, H, W) for a 2D model, a whole volume (C, S, H, W) for a 3D one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and the problem."""
+
+
+_FRAME = re.compile(r"^(.*?)_frame\d+")
+_SLICE = re.compile(r"^(.*)_slice_\d+$")
+
+
+def patient_of(case_id: str) -> str:
+    """Patient id of a slice or volume name: ``patient028_frame01_slice_3`` -> ``patient028``; any other name is
+    its own patient.
+
+    Splitting by patient (not by slice or frame) keeps both cardiac frames of one patient on one side.
+    """
+    m = _FRAME.match(case_id)
+    if m:
+        return m.group(1)
+    m = _SLICE.match(case_id)
+    return m.group(1) if m else case_id
+
+
+@dataclass
+class ItemSet:
+    """Training items held in memory, each ``(C, *spatial)``. ``labels`` is None for the unlabelled pool."""
+
+    ids: list[str]
+    patients: list[str]
+    images: list[torch.Tensor]  # each (C, *spatial) float32
+    labels: list[torch.Tensor] | None = None  # each (*spatial) uint8
+    # Set by self-training methods: fixed pseudo-labels on each item's grid, augmented together with their image.
+    pseudo_labels: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+SliceSet = ItemSet  # the 2D name, kept for code written before items could be volumes
+
+
+@dataclass
+class Volume:
+    """A whole case for evaluation or prediction, at the resolution its label is scored at."""
+
+    case_id: str
+    image: np.ndarray  # (C, S, H, W) float32
+    label: np.ndarray | None  # (S, H, W) integer
+    spacing: tuple[float, ...] | None = None  # (S, H, W) spacing in mm when known
+    affine: np.ndarray | None = None
+
+    @property
+    def patient(self) -> str:
+        return patient_of(self.case_id)
+
+
+def read_list(path: Path) -> list[str]:
+    """The non-empty lines of a list file (``train.list``, ``val.list``...)."""
+    if not path.is_file():
+        raise DataError(f"{path}: list file not found")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: list file is empty")
+    return names
+
+
+def read_h5_arrays(path: Path, want_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` (float32) and, when wanted, ``label`` of an h5 case, checked: readable, finite, same shape."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
+            image = np.asarray(f["image"][()], dtype=np.float32)
+            label = None
+            if want_label:
+                if "label" not in f:
+                    raise DataError(f"{path}: no 'label' dataset but the case is labelled")
+                label = np.asarray(f["label"][()])
+    except OSError as err:
+        raise DataError(f"{path}: cannot read h5 file ({err})") from None
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image contains NaN or Inf values")
+    if label is not None and label.shape != image.shape[-label.ndim :]:
+        raise DataError(f"{path}: image shape {image.shape} does not match label shape {label.shape}")
+    return image, label
+
+
+def check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        found = sorted(int(v) for v in np.unique(label))
+        raise DataError(f"{path}: label values {found} outside the configured classes 0..{num_classes - 1}")
