@@ -83,10 +83,26 @@ _ACDC_COMPARISON = Comparison(
          "batchnorm_recalibration_batches=50`; each seed's command is under Commands.",
 )
 
+# LA is compared at each method's defaults, as the LA papers evaluate (no BatchNorm recalibration).
+_LA_COMPARISON = Comparison(
+    methods=("supervised", "mean_teacher", "ua_mt", "cps"),
+    labeled_patients=(8, 16),
+    setting={"iterations": 1000, "split": "val", "precision": "bf16", "resize": "crop", "options": ""},
+    note="Each method at its defaults (configs/la/METHOD.yaml: volumes resampled by 0.5, VNet, crops 32x64x64, "
+         "batch 2 + 2, 1000 iterations, bf16; protocol and timings: [la.md](la.md)). Labelled patients = labelled "
+         "volumes (the first N of train.list); validation = the last 8 of train.list, on the original grid. "
+         "Reproduce a row with `dust benchmark --protocol la-cpu --methods METHOD --labeled-patients N --seeds "
+         "1337 2024 4242 --jobs 2 --threads 1`; each seed's command is under Commands.",
+)
+
 PROTOCOLS = {
     "acdc-cpu": Protocol(
         "acdc-cpu", Path("configs/acdc"), Path("docs/results/acdc_cpu.json"), Path("docs/results/README.md"),
         "ACDC, CPU budget protocol (validation split)", _ACDC_COMPARISON,
+    ),
+    "la-cpu": Protocol(
+        "la-cpu", Path("configs/la"), Path("docs/results/la_cpu.json"), Path("docs/results/la_cpu.md"),
+        "LA, CPU budget protocol (validation split)", _LA_COMPARISON,
     ),
 }
 
