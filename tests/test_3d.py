@@ -1,0 +1,231 @@
+"""3D through the one engine: LA-layout volumes, VNet, crop sampling, sliding-window inference, every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from dust.cli.main import main as dust_main
+from dust.config import ConfigError, load_config
+from dust.data import load_split, load_training_data
+from dust.data.la import case_path
+from dust.data.sampler import TwoStreamSampler
+from dust.data.transforms import augment_crop, resampled_shape, resize_image, resize_label
+from dust.engine.inference import Predictor
+from dust.engine.trainer import Trainer
+from dust.engine.workflows import full_config, train
+from dust.methods import available_methods
+from dust.models import make_model
+
+REPO = Path(__file__).resolve().parents[1]
+# staged methods need enough iterations for each of their stages (pre-training, stage 1, stage 2)
+ITERATIONS = {"dust": 10, "st_ss": 10, "self_training": 10, "st_plus_plus": 10}
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_trains_on_the_3d_phantom_and_is_scored_on_whole_volumes(tiny_cfg_3d, method):
+    trainer = Trainer(tiny_cfg_3d(method=method, iterations=ITERATIONS.get(method, 2),
+                                  val_every=ITERATIONS.get(method, 2)))
+    trainer.fit()
+    assert trainer.iteration == trainer.cfg["iterations"]
+    assert all(p.dim() == 5 for net in trainer.method.networks.values() for p in net.parameters() if p.dim() > 2)
+    assert len(trainer.history) >= 1 and 0.0 <= trainer.history[-1]["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "cps"])
+def test_the_supervised_loss_falls_in_3d(tiny_cfg_3d, method):
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_cfg_3d(method=method, iterations=30, val_every=30, lr=0.05, augment_rot_flip=False))
+    trainer.fit()
+    losses = [r["loss_sup"] if "loss_sup" in r else r["loss"] for r in trainer.train_log]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_vnet_is_yu_et_al_s_network_and_a_2d_patch_gives_2d_layers():
+    cfg = full_config({"model": "vnet", "patch_size": [80, 112, 112], "num_classes": 2,
+                       "class_names": ["bg", "LA"], "channels": [16, 32, 64, 128, 256], "upsample": "deconv"})
+    net = make_model(cfg)
+    # UA-MT / MC-Net's VNet with 16 base filters and a transposed-conv decoder: 9.45 M parameters
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(9.45e6, rel=0.005)
+    assert net(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 2, 16, 32, 32)
+    dual = make_model(cfg, "dual_vnet").eval()
+    main, aux = dual(torch.zeros(1, 1, 16, 16, 16))
+    assert main.shape == aux.shape == (1, 2, 16, 16, 16) and dual.paired_decoders
+    flat = make_model({**cfg, "patch_size": [32, 32]}, "vnet")
+    assert flat(torch.zeros(2, 1, 32, 32)).shape == (2, 2, 32, 32)
+    with pytest.raises(ConfigError, match="patch_size has 3 numbers"):
+        make_model(cfg, "unet2d")
+
+
+def test_sliding_window_equals_one_forward_when_the_volume_is_the_patch():
+    torch.manual_seed(0)
+    net = make_model(full_config({"model": "vnet", "patch_size": [16, 16, 16], "num_classes": 2,
+                                  "class_names": ["bg", "LA"], "channels": [4, 8, 16, 32, 64]})).eval()
+    image = torch.randn(1, 16, 16, 16)
+    predictor = Predictor((16, 16, 16), torch.device("cpu"), spatial_policy="crop")
+    (probs,) = predictor.case(lambda x: (net(x),), image)
+    with torch.no_grad():
+        expected = torch.softmax(net(image[None]), 1)[0]
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_covers_a_larger_volume_with_the_papers_stride():
+    # a "network" that returns its input as the logit of class 1: blended windows must give back the input
+    def heads(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.cat([torch.zeros_like(x), x], 1),)
+
+    image = torch.randn(1, 21, 37, 30)
+    for predictor in (Predictor((8, 16, 16), torch.device("cpu"), spatial_policy="crop", stride=(4, 6, 6),
+                                blend="constant"),
+                      Predictor((8, 16, 16), torch.device("cpu"), spatial_policy="crop")):
+        (probs,) = predictor.case(heads, image)
+        assert probs.shape == (2, 21, 37, 30)
+        torch.testing.assert_close(probs[1], torch.sigmoid(image[0]), atol=1e-5, rtol=1e-4)
+    assert Predictor((80, 112, 112), torch.device("cpu"), stride=(4, 18, 18)).window_overlap() == pytest.approx(
+        (1 - 4.5 / 80, 1 - 18.5 / 112, 1 - 18.5 / 112))
+
+
+def test_crop_augmentation_keeps_image_and_label_aligned_in_3d():
+    gen = torch.Generator().manual_seed(0)
+    # a volume whose label is a function of the image: any misalignment between the two breaks it
+    image = torch.randn(1, 12, 30, 26)
+    label = (image[0] > 0.3).to(torch.uint8)
+    for _ in range(20):
+        x, y = augment_crop(image, label, (8, 16, 16), gen, rot_flip=True, rotate_deg=0.0)
+        assert x.shape == (1, 8, 16, 16) and y.shape == (8, 16, 16)
+        assert torch.equal(y, (x[0] > 0.3).to(torch.uint8))
+    # smaller than the patch: padded, and the padding is background
+    x, y = augment_crop(image[:, :4], label[:4], (8, 16, 16), gen, rot_flip=False, rotate_deg=0.0)
+    assert x.shape == (1, 8, 16, 16) and int(y.sum()) == int(((x[0] > 0.3) & (x[0] != 0)).sum())
+
+
+def test_sampler_crops_3d_items_and_oversamples_foreground(tiny_cfg_3d):
+    cfg = tiny_cfg_3d(foreground_oversample=1.0)
+    data = load_training_data(cfg, Path(cfg["data_dir"]))
+    sampler = TwoStreamSampler.from_config(data.labeled, data.unlabeled, cfg, seed=0)
+    batch = sampler.next(with_unlabeled=True)
+    assert batch["x_l"].shape == (2, 1, 16, 16, 16) and batch["y_l"].shape == (2, 16, 16, 16)
+    assert batch["x_u"].shape == (2, 1, 16, 16, 16)
+    for _ in range(5):  # every labelled crop is centred on foreground, so holds some
+        assert all(int(y.sum()) > 0 for y in sampler.next(with_unlabeled=False)["y_l"])
+
+
+def test_resampling_round_trip_keeps_the_label_and_the_shape():
+    label = torch.zeros(1, 20, 24, 16, dtype=torch.uint8)
+    label[0, 4:16, 6:18, 4:12] = 1
+    small = resampled_shape((20, 24, 16), 0.5)
+    assert small == (10, 12, 8)
+    back = resize_label(resize_label(label, small), (20, 24, 16))
+    assert back.shape == label.shape and torch.equal(back, label)
+    image = torch.rand(1, 1, 20, 24, 16)
+    assert resize_image(resize_image(image, small), (20, 24, 16)).shape == image.shape
+
+
+def test_la_reader_splits_resamples_and_reads_a_test_list(tiny_cfg_3d, la_phantom_root, tmp_path):
+    cfg = tiny_cfg_3d(resample_factor=0.5)
+    data = load_training_data(cfg, la_phantom_root)
+    ids = (la_phantom_root / "train.list").read_text().split()
+    assert data.labeled.ids == ids[:3] and data.unlabeled.ids == ids[3:8]
+    assert [v.case_id for v in data.val] == ids[8:]
+    with h5py.File(case_path(la_phantom_root, ids[0])) as f:
+        x, y, z = f["image"].shape
+    assert tuple(data.labeled.images[0].shape) == (1, z // 2, y // 2, x // 2)  # (S, H, W) = (Z, Y, X), halved
+    assert data.val[0].image.shape[-3:] == (z, y, x)  # evaluation at the original resolution
+    # a test.list beside train.list is what --split test reads
+    root = tmp_path / "la"
+    root.mkdir()
+    (root / "volumes").symlink_to(la_phantom_root / "volumes")
+    (root / "train.list").write_text("\n".join(ids[:8]) + "\n")
+    (root / "test.list").write_text("\n".join(ids[8:]) + "\n")
+    assert [v.case_id for v in load_split(cfg, root, "test")] == ids[8:]
+
+
+def test_check_data_on_la_names_the_bad_file(la_phantom_root, tmp_path, capsys):
+    root = tmp_path / "la"
+    ids = (la_phantom_root / "train.list").read_text().split()
+    for i in ids:
+        (root / "volumes" / i).mkdir(parents=True)
+        (root / "volumes" / i / "mri_norm2.h5").symlink_to(case_path(la_phantom_root, i))
+    (root / "train.list").write_text("\n".join(ids) + "\n")
+    config = tmp_path / "la.yaml"
+    config.write_text(f"dataset: la_h5\ndata_dir: {root}\nnum_classes: 2\nclass_names: [bg, LA]\n"
+                      "patch_size: [16, 16, 16]\nmodel: vnet\nspatial_policy: crop\nlabeled_patients: 3\n"
+                      "holdout_cases: 2\n")
+    assert dust_main(["check-data", "--config", str(config)]) == 0
+    bad = root / "volumes" / ids[1] / "mri_norm2.h5"
+    bad.unlink()
+    with h5py.File(bad, "w") as f:  # label values outside {0, 1}
+        f["image"] = np.zeros((24, 20, 16), np.float32)
+        f["label"] = np.full((24, 20, 16), 3, np.uint8)
+    assert dust_main(["check-data", "--config", str(config)]) != 0
+    out = capsys.readouterr()
+    assert str(bad) in out.out + out.err
+    bad.unlink()
+    bad.write_bytes(b"not an h5 file")
+    assert dust_main(["check-data", "--config", str(config)]) != 0
+    out = capsys.readouterr()
+    assert str(bad) in out.out + out.err
+    (root / "volumes" / ids[2] / "mri_norm2.h5").unlink()  # a case listed but missing
+    assert dust_main(["check-data", "--config", str(config)]) != 0
+    assert ids[2] in (lambda o: o.out + o.err)(capsys.readouterr())
+
+
+def test_predict_on_a_3d_nifti_writes_label_and_uncertainty_with_its_affine(tiny_cfg_3d, la_phantom_root, tmp_path):
+    cfg = tiny_cfg_3d(method="dust", iterations=10, val_every=10)
+    Trainer(cfg).fit()
+    ids = (la_phantom_root / "train.list").read_text().split()
+    with h5py.File(case_path(la_phantom_root, ids[0])) as f:
+        image = f["image"][:]
+    affine = np.array([[0.0, 0.0, 1.5, -20.0], [0.7, 0.0, 0.0, 10.0], [0.0, -0.7, 0.0, 5.0], [0, 0, 0, 1]])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(image, affine), inputs / "case_a.nii.gz")
+    out = tmp_path / "out"
+    checkpoint = Path(cfg["run_dir"]) / "checkpoints" / "best.pt"
+    assert dust_main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                      "--uncertainty"]) == 0
+    label = nib.load(out / "case_a.nii.gz")
+    assert label.shape == image.shape and np.allclose(label.affine, affine)
+    assert set(np.unique(np.asanyarray(label.dataobj))) <= {0, 1}
+    kl = nib.load(out / "uncertainty" / "case_a.nii.gz")
+    assert kl.shape == image.shape and np.allclose(kl.affine, affine)
+    values = np.asanyarray(kl.dataobj)
+    assert values.dtype.kind == "f" and values.min() >= 0
+
+
+def test_report_renders_a_3d_run(tiny_cfg_3d):
+    cfg = tiny_cfg_3d(method="mean_teacher", iterations=2, val_every=2)
+    Trainer(cfg).fit()
+    run_dir = Path(cfg["run_dir"])
+    assert dust_main(["report", str(run_dir)]) == 0
+    html = (run_dir / "report.html").read_text()
+    assert "<img" in html and "LA" in html
+
+
+def test_la_configs_resolve_and_the_full_protocol_extends_the_cpu_one():
+    cpu = full_config(load_config(REPO / "configs/la/cps.yaml"))
+    assert (cpu["method"], cpu["model"], cpu["patch_size"], cpu["resample_factor"]) == ("cps", "vnet", [32, 64, 64],
+                                                                                        0.5)
+    full = full_config(load_config(REPO / "configs/la_full/cps.yaml"))
+    assert (full["method"], full["patch_size"], full["resample_factor"], full["iterations"]) == (
+        "cps", [80, 112, 112], 1.0, 6000)
+    assert full["inference_stride"] == [4, 18, 18] and full["dataset"] == cpu["dataset"] == "la_h5"
+    for path in sorted((REPO / "configs/la").glob("*.yaml")) + sorted((REPO / "configs/la_full").glob("*.yaml")):
+        full_config(load_config(path))
+
+
+def test_the_full_protocol_runs_a_couple_of_iterations_on_the_phantom(la_phantom_root, tmp_path):
+    # the GPU protocol's settings (no resampling, the papers' stride, constant blending) at a phantom-sized patch
+    cfg = full_config(load_config(REPO / "configs/la_full/mean_teacher.yaml", [
+        f"data_dir={la_phantom_root}", "patch_size=[16,16,16]", "inference_stride=[4,6,6]", "iterations=2",
+        "val_every=2", "labeled_patients=3", "holdout_cases=2", "channels=[4,8,16,32,64]", "threads=1",
+        "tensorboard=false", "progress=false", f"run_dir={tmp_path / 'run'}"]))
+    records = train(cfg)
+    assert {r["checkpoint"] for r in records} == {"last", "best"} and records[0]["resize"] == "crop"
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == records
