@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -229,3 +230,21 @@ def test_the_full_protocol_runs_a_couple_of_iterations_on_the_phantom(la_phantom
     records = train(cfg)
     assert {r["checkpoint"] for r in records} == {"last", "best"} and records[0]["resize"] == "crop"
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == records
+
+
+LA_DIR = Path(os.environ.get("DUST_DATA", REPO.parent / "shared" / "data")) / "LA"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (LA_DIR / "train.list").is_file(), reason="the LA data is not here")
+def test_the_la_cpu_protocol_reads_the_real_data_and_trains(tmp_path):
+    config = REPO / "configs/la/supervised.yaml"
+    overrides = [f"data_dir={LA_DIR}", "iterations=2", "val_every=2", f"run_dir={tmp_path / 'run'}",
+                 "tensorboard=false", "progress=false"]
+    assert dust_main(["check-data", "--config", str(config), *[a for o in overrides for a in ("--set", o)]]) == 0
+    cfg = full_config(load_config(config, overrides))
+    records = train(cfg)
+    assert {r["checkpoint"] for r in records} == {"last", "best"}
+    assert all(0.0 <= r["dice"] <= 100.0 and r["resize"] == "crop" for r in records)
+    per_case = (tmp_path / "run" / "metrics_val_last.csv").read_text().splitlines()[1:]
+    assert len(per_case) == 8  # the last 8 of train.list, scored on the original grid
