@@ -20,3 +20,34 @@ class SegmentationNetwork(nn.Module):
 
     def forward_main(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)
+
+
+class EncoderDecoder(SegmentationNetwork):
+    """An encoder whose list of features (shallowest first) a decoder turns into logits; the U-Net and VNet families
+    and their variants differ only in the modules they pass in (attribute names give the state_dict keys)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, spatial_dims: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward_main(self, x: torch.Tensor) -> torch.Tensor:
+        """The main decoder's logits only (inference and pseudo-labelling need no other head)."""
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_main(x)
+
+
+class DualDecoderNetwork(EncoderDecoder):
+    """One encoder, a main and an auxiliary decoder: ``forward`` returns ``(main_logits, aux_logits)``."""
+
+    paired_decoders = True
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, aux_decoder: nn.Module, spatial_dims: int) -> None:
+        super().__init__(encoder, decoder, spatial_dims)
+        self.aux_decoder = aux_decoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.encoder(x)
+        return self.decoder(feats), self.aux_decoder(feats)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dust.models.base import SegmentationNetwork
+from dust.models.base import EncoderDecoder
 from dust.models.layers import conv
 from dust.models.unet import Decoder, Encoder
 from dust.models.vnet import VNetDecoder, VNetEncoder
@@ -47,14 +47,12 @@ def _levels(channels: Sequence[int]) -> Sequence[int]:
     return channels
 
 
-class DeepSupervisionNetwork(SegmentationNetwork):
+class DeepSupervisionNetwork(EncoderDecoder):
     """``forward`` returns (main, aux 1/2, aux 1/4, aux 1/8) logits, all (B, num_classes, *spatial)."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, channels: Sequence[int], num_classes: int,
                  spatial_dims: int) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.encoder, self.decoder = encoder, decoder
+        super().__init__(encoder, decoder, spatial_dims)
         # after decoder level j the features have channels[-2 - j] channels
         self.aux_heads = nn.ModuleList(conv(spatial_dims)(channels[-2 - j], num_classes, kernel_size=3, padding=1)
                                        for j in range(len(AUX_PERTURBATIONS)))
@@ -66,10 +64,6 @@ class DeepSupervisionNetwork(SegmentationNetwork):
             features = AUX_PERTURBATIONS[j](stages[j]) if self.training else stages[j]
             aux.append(F.interpolate(head(features), size=x.shape[2:], mode="nearest"))
         return (self.decoder.output(stages[-1]), *reversed(aux))
-
-    def forward_main(self, x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution head only (inference): the plain network's forward."""
-        return self.decoder(self.encoder(x))
 
 
 class DeepSupervisionUNet(DeepSupervisionNetwork):

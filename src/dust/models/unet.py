@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from dust.models.base import SegmentationNetwork
+from dust.models.base import DualDecoderNetwork, EncoderDecoder
 from dust.models.layers import batchnorm, check_upsample, conv, conv_transpose, linear_mode, max_pool
 
 
@@ -95,7 +95,7 @@ class Decoder(nn.Module):
         return self.output(self.stages(feats)[-1])
 
 
-class UNet(SegmentationNetwork):
+class UNet(EncoderDecoder):
     """A U-Net returning class logits (B, num_classes, *spatial)."""
 
     def __init__(
@@ -107,22 +107,15 @@ class UNet(SegmentationNetwork):
         upsample: str = "bilinear",
         spatial_dims: int = 2,
     ) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.encoder = Encoder(in_channels, channels, dropout, spatial_dims)
-        self.decoder = Decoder(channels, num_classes, upsample, spatial_dims)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        super().__init__(Encoder(in_channels, channels, dropout, spatial_dims),
+                         Decoder(channels, num_classes, upsample, spatial_dims), spatial_dims)
 
 
-class DualDecoderUNet(SegmentationNetwork):
+class DualDecoderUNet(DualDecoderNetwork):
     """One encoder, a transposed-conv (main) decoder and a linear-interpolation (auxiliary) decoder.
 
     ``forward`` returns ``(main_logits, aux_logits)``; inference uses the main (deconv) decoder.
     """
-
-    paired_decoders = True
 
     def __init__(
         self,
@@ -132,19 +125,9 @@ class DualDecoderUNet(SegmentationNetwork):
         dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
         spatial_dims: int = 2,
     ) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.encoder = Encoder(in_channels, channels, dropout, spatial_dims)
-        self.decoder = Decoder(channels, num_classes, "deconv", spatial_dims)
-        self.aux_decoder = Decoder(channels, num_classes, linear_mode(spatial_dims), spatial_dims)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.encoder(x)
-        return self.decoder(feats), self.aux_decoder(feats)
-
-    def forward_main(self, x: torch.Tensor) -> torch.Tensor:
-        """Main (deconv) decoder only: inference and pseudo-labelling do not need the auxiliary one."""
-        return self.decoder(self.encoder(x))
+        super().__init__(Encoder(in_channels, channels, dropout, spatial_dims),
+                         Decoder(channels, num_classes, "deconv", spatial_dims),
+                         Decoder(channels, num_classes, linear_mode(spatial_dims), spatial_dims), spatial_dims)
 
 
 UNet2D = UNet  # the names of the 2D-only U-Net, kept for code that imports them

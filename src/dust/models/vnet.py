@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from dust.models.base import SegmentationNetwork
+from dust.models.base import DualDecoderNetwork, EncoderDecoder
 from dust.models.layers import batchnorm, channel_dropout, check_upsample, conv, conv_transpose, linear_mode
 
 ENCODER_STAGES = (1, 2, 3, 3, 3)  # convolutions per level, shallowest first (Yu et al.)
@@ -95,7 +95,7 @@ class VNetDecoder(nn.Module):
         return self.output(self.stages(feats)[-1])
 
 
-class VNet(SegmentationNetwork):
+class VNet(EncoderDecoder):
     """Yu et al.'s VNet returning class logits (B, num_classes, *spatial); spatial sizes divisible by 16."""
 
     def __init__(
@@ -107,22 +107,15 @@ class VNet(SegmentationNetwork):
         upsample: str = "deconv",
         spatial_dims: int = 3,
     ) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.encoder = VNetEncoder(in_channels, channels, dropout, spatial_dims)
-        self.decoder = VNetDecoder(channels, num_classes, upsample, dropout[-1], spatial_dims)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        super().__init__(VNetEncoder(in_channels, channels, dropout, spatial_dims),
+                         VNetDecoder(channels, num_classes, upsample, dropout[-1], spatial_dims), spatial_dims)
 
 
-class DualDecoderVNet(SegmentationNetwork):
+class DualDecoderVNet(DualDecoderNetwork):
     """MC-Net's VNet: one encoder, a transposed-conv (main) and a trilinear (auxiliary) decoder.
 
     ``forward`` returns ``(main_logits, aux_logits)``; inference uses the main (deconv) decoder.
     """
-
-    paired_decoders = True
 
     def __init__(
         self,
@@ -132,15 +125,7 @@ class DualDecoderVNet(SegmentationNetwork):
         dropout: Sequence[float] = (0.0, 0.0, 0.0, 0.0, 0.5),
         spatial_dims: int = 3,
     ) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.encoder = VNetEncoder(in_channels, channels, dropout, spatial_dims)
-        self.decoder = VNetDecoder(channels, num_classes, "deconv", dropout[-1], spatial_dims)
-        self.aux_decoder = VNetDecoder(channels, num_classes, linear_mode(spatial_dims), dropout[-1], spatial_dims)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.encoder(x)
-        return self.decoder(feats), self.aux_decoder(feats)
-
-    def forward_main(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        super().__init__(VNetEncoder(in_channels, channels, dropout, spatial_dims),
+                         VNetDecoder(channels, num_classes, "deconv", dropout[-1], spatial_dims),
+                         VNetDecoder(channels, num_classes, linear_mode(spatial_dims), dropout[-1], spatial_dims),
+                         spatial_dims)
