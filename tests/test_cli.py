@@ -69,7 +69,7 @@ def test_errors_are_one_clear_line(tmp_path: Path, phantom_root: Path, capsys):
     assert "not a readable dust checkpoint" in capsys.readouterr().err
     for command in (["results"], ["benchmark", "--methods", "supervised"]):  # both name the protocols there are
         assert main([*command, "--protocol", "acdc-gpu"]) == 2
-        assert "unknown protocol 'acdc-gpu'; known: ['acdc-cpu']" in capsys.readouterr().err
+        assert "unknown protocol 'acdc-gpu'; known: ['acdc-cpu', 'la-cpu']" in capsys.readouterr().err
 
 
 NAN_AT_7 = """
