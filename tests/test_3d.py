@@ -39,7 +39,7 @@ def test_every_method_trains_on_the_3d_phantom_and_is_scored_on_whole_volumes(ti
     assert len(trainer.history) >= 1 and 0.0 <= trainer.history[-1]["dice"] <= 1.0
 
 
-@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "cps"])
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "cps", "dtc", "mc_net", "mcf"])
 def test_the_supervised_loss_falls_in_3d(tiny_cfg_3d, method):
     torch.manual_seed(0)
     trainer = Trainer(tiny_cfg_3d(method=method, iterations=30, val_every=30, lr=0.05, augment_rot_flip=False))

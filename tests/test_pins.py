@@ -22,6 +22,8 @@ from dust.methods import available_methods
 PINS = Path(__file__).with_name("pins_2d.json")
 METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus_plus", "self_training", "st_ss",
            "dust"]
+# Methods written after the pins (nothing to compare with); tests/test_3d_baselines.py tests what they compute.
+ADDED_AFTER_THE_PINS = ["dtc", "mc_net", "mcf"]
 
 
 def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
@@ -53,7 +55,7 @@ def test_a_2d_run_computes_what_it_did_before_dust_was_n_dimensional(method, pha
 
 
 def test_every_registered_method_is_pinned():
-    assert set(available_methods()) <= set(METHODS) | set(json.loads(PINS.read_text()).get("_not_2d", []))
+    assert set(available_methods()) <= set(METHODS) | set(ADDED_AFTER_THE_PINS)
 
 
 if __name__ == "__main__":  # (re)write the pins: only on purpose, when a change to 2D numbers is intended

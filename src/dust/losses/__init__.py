@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from dust.uncertainty.pixel import decoder_kl
 
-__all__ = ["dice_loss", "supervised_loss", "uncertainty_rectified_loss"]
+__all__ = ["dice_loss", "supervised_loss", "uncertainty_rectified_loss", "signed_distance_map",
+           "level_set_to_probability"]
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -41,3 +44,33 @@ def uncertainty_rectified_loss(
     ce = F.cross_entropy(main_logits.float(), pseudo_label.long(), reduction="none")
     weight = torch.exp(-(dkl.detach() if detach_weight else dkl))
     return (weight * ce + dkl).mean(), dkl.detach()
+
+
+def _normalised_signed_distance(mask: np.ndarray) -> np.ndarray:
+    """DTC's SDF of one boolean mask: (d_out - min) / (max - min) - (d_in - min) / (max - min), 0 on the inner
+    boundary; d_in is the Euclidean distance of a foreground voxel to the background, d_out of a background voxel to
+    the foreground. In [-1, 1]: negative inside, positive outside; all zeros when the mask is empty."""
+    if not mask.any():
+        return np.zeros(mask.shape, np.float32)
+    inside, outside = ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask)
+
+    def scaled(d: np.ndarray) -> np.ndarray:
+        span = d.max() - d.min()
+        return (d - d.min()) / span if span > 0 else np.zeros_like(d)
+
+    sdf = scaled(outside) - scaled(inside)
+    boundary = mask & ~ndimage.binary_erosion(mask, border_value=1)  # foreground voxels touching the background
+    sdf[boundary] = 0.0
+    return sdf.astype(np.float32)
+
+
+def signed_distance_map(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, *spatial) integer labels -> (B, num_classes - 1, *spatial) normalised signed distance of each foreground
+    class, one image at a time (DTC's ``compute_sdf``, on the crops the network sees)."""
+    maps = [[_normalised_signed_distance(y == c) for c in range(1, num_classes)] for y in labels.cpu().numpy()]
+    return torch.from_numpy(np.asarray(maps, np.float32)).to(labels.device)
+
+
+def level_set_to_probability(sdf: torch.Tensor, k: float = 1500.0) -> torch.Tensor:
+    """DTC's transform from the level-set head to a foreground probability: sigmoid(-k * sdf) (k = 1500)."""
+    return torch.sigmoid(-k * sdf.float())

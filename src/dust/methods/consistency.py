@@ -1,4 +1,4 @@
-"""Pieces the consistency-based baselines share: the sigmoid ramp-up, the EMA teacher, input noise.
+"""Pieces the consistency-based baselines share: the sigmoid ramp-up, the EMA teacher, input noise, sharpening.
 
 Every schedule length is a fraction of the run's budget (``cfg["iterations"]``), never a fixed iteration
 count: SSL4MIS ramps its consistency weight over ``consistency_rampup=200`` "epochs" of 150 iterations, i.e.
@@ -55,3 +55,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, iteration: 
 def input_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2) -> torch.Tensor:
     """x + clamp(N(0, std^2), -clip, clip): the teacher's input perturbation of MT and UA-MT (SSL4MIS)."""
     return x + torch.clamp(torch.randn_like(x) * std, -clip, clip)
+
+
+def sharpen(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Soft pseudo-label p_k^(1/T) / sum_j p_j^(1/T) over the class axis (dim 1): MC-Net's and MCF's sharpening
+    (T = 0.1). For two classes it is MC-Net's p^(1/T) / (p^(1/T) + (1 - p)^(1/T)). Computed in log space, so a
+    small T does not underflow."""
+    return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / temperature, dim=1)

@@ -1,10 +1,12 @@
 """Segmentation networks and the factory keyed by the config's ``model`` value.
 
-Names are dimension-free: ``unet``, ``dual_unet``, ``unet_ds``, ``vnet``, ``dual_vnet``, ``vnet_ds``; the network is
+Names are dimension-free: ``unet``, ``dual_unet``, ``unet_ds``, ``vnet``, ``dual_vnet``, ``vnet_ds``, ``resnet_vnet``
+(MCF's second subnet); the network is
 2D or 3D as the config's ``patch_size`` has 2 or 3 numbers. The names of the 2D-only days (``unet2d``,
 ``dual_unet2d``, ``unet2d_ds``) are aliases, so every stored config, checkpoint and results record still loads.
 A method that needs a variant of the configured family (DUST: two decoders; URPC: deep supervision) asks for it
-with ``make_model(cfg, variant="dual")``, so the same method file builds a U-Net in 2D and a VNet in 3D.
+with ``make_model(cfg, variant="dual")`` (or ``"ds"``, or ``"sdf"``: DTC's extra level-set head), so the same
+method file builds a U-Net in 2D and a VNet in 3D.
 """
 
 from __future__ import annotations
@@ -14,22 +16,28 @@ from typing import Any
 from dust.config import ConfigError
 from dust.models.base import SegmentationNetwork
 from dust.models.deep_supervision import DeepSupervisionUNet, DeepSupervisionUNet2D, DeepSupervisionVNet
+from dust.models.level_set import LevelSetNetwork
+from dust.models.resnet import ResNetVNet
 from dust.models.unet import DualDecoderUNet, DualDecoderUNet2D, UNet, UNet2D
 from dust.models.vnet import DualDecoderVNet, VNet
 
 __all__ = ["SegmentationNetwork", "UNet", "DualDecoderUNet", "DeepSupervisionUNet", "VNet", "DualDecoderVNet",
-           "DeepSupervisionVNet", "UNet2D", "DualDecoderUNet2D", "DeepSupervisionUNet2D", "make_model",
+           "DeepSupervisionVNet", "ResNetVNet", "LevelSetNetwork",
+           "UNet2D", "DualDecoderUNet2D", "DeepSupervisionUNet2D", "make_model",
            "model_family", "MODELS"]
 
 # name -> (family, variant)
 MODELS = {
     "unet": ("unet", "plain"), "dual_unet": ("unet", "dual"), "unet_ds": ("unet", "ds"),
     "vnet": ("vnet", "plain"), "dual_vnet": ("vnet", "dual"), "vnet_ds": ("vnet", "ds"),
+    "resnet_vnet": ("resnet_vnet", "plain"),
 }
+VARIANTS = ("plain", "dual", "ds", "sdf")
 ALIASES_2D = {"unet2d": "unet", "dual_unet2d": "dual_unet", "unet2d_ds": "unet_ds"}
 _CLASSES = {
     ("unet", "plain"): UNet, ("unet", "dual"): DualDecoderUNet, ("unet", "ds"): DeepSupervisionUNet,
     ("vnet", "plain"): VNet, ("vnet", "dual"): DualDecoderVNet, ("vnet", "ds"): DeepSupervisionVNet,
+    ("resnet_vnet", "plain"): ResNetVNet,
 }
 
 
@@ -48,12 +56,18 @@ def model_family(name: str, spatial_dims: int | None = None) -> tuple[str, str]:
 def make_model(cfg: dict[str, Any], model: str | None = None, upsample: str | None = None,
                variant: str | None = None) -> SegmentationNetwork:
     """Build the network named by ``model`` (default: ``cfg["model"]``) with the config's sizes, in
-    ``len(cfg["patch_size"])`` dimensions; ``variant`` (plain | dual | ds) swaps in that variant of its family."""
+    ``len(cfg["patch_size"])`` dimensions; ``variant`` (plain | dual | ds | sdf) swaps in that variant of its family."""
     dims = len(cfg["patch_size"])
     family, named_variant = model_family(model or cfg["model"], dims)
-    cls = _CLASSES[(family, variant or named_variant)]
+    variant = variant or named_variant
+    if variant == "sdf":
+        return LevelSetNetwork(make_model(cfg, model, upsample, "plain"), cfg["num_classes"])
+    if (family, variant) not in _CLASSES:
+        raise ConfigError(f"model {model or cfg['model']!r} has no {variant!r} variant (variants: {VARIANTS}; "
+                          f"{sorted(v for f, v in _CLASSES if f == family)} exist for it)")
+    cls = _CLASSES[(family, variant)]
     kwargs = dict(in_channels=cfg["in_channels"], num_classes=cfg["num_classes"], channels=cfg["channels"],
                   dropout=cfg["dropout"], spatial_dims=dims)
-    if (variant or named_variant) != "dual":
+    if variant != "dual":
         kwargs["upsample"] = upsample or cfg["upsample"]
     return cls(**kwargs)

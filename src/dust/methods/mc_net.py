@@ -1,0 +1,47 @@
+"""Mutual consistency, MC-Net (Wu et al., MICCAI 2021).
+
+One encoder, two decoders that differ in up-sampling (transposed convolution and trilinear interpolation in 3D,
+bilinear in 2D: ``make_model(cfg, variant="dual")``, the dual-decoder VNet / U-Net). Both decoders are supervised
+on the labelled crops; on every crop (labelled and unlabelled) each decoder's softmax is pulled towards the other's
+sharpened softmax (temperature 0.1, no gradient through the target):
+
+    L = sup_weight * sum_d (Dice + CE)_d / 2 + w(t) * [MSE(p_1, sharpen(p_2)) + MSE(p_2, sharpen(p_1))]
+
+sup_weight = MC-Net's lambda 0.5; w(t) = consistency_weight (1.0) * sigmoid ramp-up over ``rampup_fraction`` of the
+run (the reference code ramps over 40 x 150 = 6000 of its 15000 LA iterations: 0.4). Inference uses the first
+(transposed-convolution) decoder; the two decoders' KL is the pixel uncertainty ``dust predict`` writes.
+
+Where dust departs from the reference code (ycwu1997/MC-Net, ``train_mcnet_3d.py``): the supervised term is dust's
+shared (Dice + CE) / 2 (the code computes a cross-entropy on probabilities but optimises the Dice only), and the
+sharpened target is detached, as a pseudo-label is (the code lets the gradient flow into it as well).
+MC-Net+ (three decoders) is not built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dust.losses import supervised_loss
+from dust.methods import register
+from dust.methods.base import Method
+from dust.methods.consistency import ramp, sharpen
+from dust.models import make_model
+
+
+@register("mc_net")
+class MutualConsistency(Method):
+    defaults = {"consistency_weight": 1.0, "rampup_fraction": 0.4, "sup_weight": 0.5, "temperature": 0.1}
+    uses_unlabeled = True
+
+    def build(self) -> None:
+        self.networks["model"] = make_model(self.cfg, variant="dual")
+
+    def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
+        n = len(batch["x_l"])
+        outputs = [out.float() for out in self.networks["model"](torch.cat([batch["x_l"], batch["x_u"]]))]
+        probs = [torch.softmax(out, 1) for out in outputs]
+        targets = [sharpen(p.detach(), self.cfg["temperature"]) for p in probs]
+        mutual = (probs[0] - targets[1]).pow(2).mean() + (probs[1] - targets[0]).pow(2).mean()
+        sup = sum(supervised_loss(out[:n], batch["y_l"]) for out in outputs)
+        weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
+        return {"sup": self.cfg["sup_weight"] * sup, "cons": weight * mutual}
