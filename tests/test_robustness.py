@@ -75,14 +75,17 @@ def _nan_intensity(root: Path) -> tuple[dict, str, str]:
     return {}, path.name, "image contains 2 NaN or Inf value(s)"
 
 
+def _three_channel_slice(root: Path) -> tuple[dict, str, str]:
+    path = root / "data" / "patient002_frame02_slice_1.h5"
+    arrays = _read(path)
+    _h5(path, image=np.stack([arrays["image"]] * 3), label=arrays["label"])
+    return {}, path.name, "image has 3 channel(s) but the config's in_channels is 1"
+
+
 def _no_label_in_labelled_slice(root: Path) -> tuple[dict, str, str]:
     path = root / "data" / "patient001_frame02_slice_0.h5"
     _h5(path, image=_read(path)["image"])
     return {}, path.name, "no 'label' dataset but the case is labelled"
-
-
-def _empty_labelled_set(root: Path) -> tuple[dict, str, str]:
-    return {"labeled_patients": 0}, "train_slices.list", "the labelled set is empty"
 
 
 def _too_many_labelled(root: Path) -> tuple[dict, str, str]:
@@ -102,8 +105,8 @@ def _missing_list(root: Path) -> tuple[dict, str, str]:
 
 
 PROBLEMS: list[Callable[[Path], tuple[dict, str, str]]] = [
-    _missing_slice, _corrupt_h5, _shape_mismatch, _label_outside_classes, _nan_intensity,
-    _no_label_in_labelled_slice, _empty_labelled_set, _too_many_labelled, _patient_in_two_splits, _missing_list,
+    _missing_slice, _corrupt_h5, _shape_mismatch, _label_outside_classes, _nan_intensity, _three_channel_slice,
+    _no_label_in_labelled_slice, _too_many_labelled, _patient_in_two_splits, _missing_list,
 ]
 
 
@@ -298,3 +301,51 @@ def test_a_nan_stops_the_run_naming_iteration_and_term_and_keeps_the_last_checkp
     again = Trainer(cfg)  # and a resumed run starts from it
     assert again.resume() and again.iteration == 10
     sys.modules.pop("nan_at_15", None)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("setting, message", [
+    ("val_every=0", "val_every: 0 is out of range"), ("batch_size=0", "batch_size: 0 is out of range"),
+    ("patch_size=abc", "patch_size 'abc'"), ("lr=-1", "lr: -1.0 is out of range"),
+    ("iterations=10.5", "iterations: expected a whole number, got 10.5"), ("momentum=2", "momentum: 2.0 is out"),
+    ("unlabeled_batch_size=-2", "unlabeled_batch_size: -2 is out of range"),
+    ("labeled_patients=0", "labeled_patients: 0 is out of range"),  # an empty labelled set
+])
+def test_a_bad_setting_is_one_line_naming_the_key_and_no_run_directory_is_made(setting, message, tmp_path: Path,
+                                                                                 capsys):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"generate_phantom": True, "data_dir": str(tmp_path / "data"),
+                                      "run_dir": str(run_dir)}))
+    code = main(["train", "--config", str(config), "--set", setting])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and message in err[0], err
+    assert not run_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------- one writer per run
+def test_a_second_process_on_a_busy_run_directory_is_refused_and_the_first_files_stay(tmp_path: Path,
+                                                                                       phantom_root: Path, capsys):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(phantom_root.resolve()), "run_dir": str(run_dir),
+                                      "patch_size": [32, 32], "channels": [4, 8, 16, 32, 64], "iterations": 2,
+                                      "val_every": 2, "batch_size": 2, "unlabeled_batch_size": 2, "threads": 1,
+                                      "tensorboard": False, "progress": False, "labeled_patients": 2}))
+    assert main(["train", "--config", str(config)]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = subprocess.Popen(  # another process holding the run directory, as a live `dust train` does
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dust.engine.run_lock import "
+         "lock_run_directory; h = lock_run_directory(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+         str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(run_dir) in err[0] and f"pid {holder.pid}" in err[0], err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert main(["train", "--resume", str(run_dir)]) == 0  # the lock died with its process: no stale lock

@@ -156,13 +156,42 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
 CHOICES = {"spatial_policy": ("resize", "crop"), "inference_blend": ("gaussian", "constant"),
            "dataset": ("ssl4mis_h5", "la_h5")}
 
+# Numeric engine keys: (integer?, lowest allowed, highest allowed or None, is the lowest itself allowed?).
+# Checked up front so a bad value is one line naming the key, not a ZeroDivisionError or torch's message mid-run.
+RANGES: dict[str, tuple[bool, float, float | None, bool]] = {
+    **{k: (True, 1, None, True) for k in ("iterations", "batch_size", "val_every", "log_every", "keep_checkpoints",
+                                          "labeled_patients", "num_classes", "in_channels",
+                                          "inference_windows_per_batch")},
+    **{k: (True, 0, None, True) for k in ("unlabeled_batch_size", "batchnorm_recalibration_batches", "threads",
+                                          "holdout_cases", "seed", "phantom_seed", "slice_axis")},
+    "lr": (False, 0, None, False), "weight_decay": (False, 0, None, True), "momentum": (False, 0, 1, True),
+    "lr_power": (False, 0, None, True), "foreground_oversample": (False, 0, 1, True),
+    "augment_rotate_deg": (False, 0, 180, True),
+}
+
+
+def _check_ranges(cfg: dict[str, Any]) -> None:
+    for key, (integer, low, high, low_ok) in RANGES.items():
+        value = cfg[key]
+        if integer and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ConfigError(f"{key}: {value!r} is out of range (expected {bound})")
+
 
 def _check_choices(cfg: dict[str, Any]) -> None:
+    _check_ranges(cfg)
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f"{key}: {cfg[key]!r} is not one of {list(choices)}")
+    if not isinstance(cfg["patch_size"], list | tuple):
+        raise ConfigError(f"patch_size {cfg['patch_size']!r}: give 2 (a 2D model) or 3 (a 3D model) positive integers")
     dims = len(cfg["patch_size"])
-    if dims not in (2, 3) or not all(isinstance(p, int) and p > 0 for p in cfg["patch_size"]):
+    if dims not in (2, 3) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0
+                                     for p in cfg["patch_size"]):
         raise ConfigError(f"patch_size {cfg['patch_size']}: give 2 (a 2D model) or 3 (a 3D model) positive integers")
     for key in ("inference_stride", "inference_overlap", "spacing"):
         value = cfg[key]

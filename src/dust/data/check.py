@@ -42,13 +42,29 @@ def check_data(cfg: dict[str, Any]) -> list[str]:
     if not root.is_dir():
         return [f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up "
                 "under $DUST_DATA)"]
+    channels = ChannelRule(int(cfg["in_channels"]), cfg.get("modalities"))
     if cfg["dataset"] == "la_h5":
         return check_la(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"],
-                        int(cfg["holdout_cases"]), len(cfg["patch_size"]))
-    return check_ssl4mis(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"])
+                        int(cfg["holdout_cases"]), len(cfg["patch_size"]), channels)
+    return check_ssl4mis(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"], channels)
 
 
-def check_la(root: Path, labeled: int, num_classes: int, val_split: str, holdout: int, patch_dims: int) -> list[str]:
+class ChannelRule:
+    """How many image channels a file must hold: ``in_channels``, or enough for the ``modalities`` picked from it."""
+
+    def __init__(self, in_channels: int = 1, modalities: list[int] | None = None) -> None:
+        self.in_channels, self.modalities = in_channels, modalities
+
+    def problem(self, path: Path, channels: int) -> str | None:
+        if self.modalities is None and channels != self.in_channels:
+            return (f"{path}: image has {channels} channel(s) but the config's in_channels is {self.in_channels}")
+        if self.modalities is not None and channels <= max(self.modalities):
+            return f"{path}: image has {channels} channel(s); modalities {self.modalities} needs more"
+        return None
+
+
+def check_la(root: Path, labeled: int, num_classes: int, val_split: str, holdout: int, patch_dims: int,
+             channels: ChannelRule | None = None) -> list[str]:
     problems: list[str] = []
     train_list = root / "train.list"
     train = _read_list(train_list, problems)
@@ -71,10 +87,10 @@ def check_la(root: Path, labeled: int, num_classes: int, val_split: str, holdout
                         f"{len(pool)} (after the {len(held_out)} validation cases)")
     evaluated = held_out if val_split == "val" else _read_list(root / f"{val_split}.list", problems)
     for i, case in enumerate(pool):
-        _check_file(case_path(root, case), train_list.name, (3, 4), i < labeled, num_classes, problems)
+        _check_file(case_path(root, case), train_list.name, (3, 4), i < labeled, num_classes, problems, channels)
     listed_in = val_list.name if val_split == "val" and val_list.is_file() else f"{val_split} split"
     for case in evaluated:
-        _check_file(case_path(root, case), listed_in, (3, 4), True, num_classes, problems)
+        _check_file(case_path(root, case), listed_in, (3, 4), True, num_classes, problems, channels)
     for name in ("val.list", "test.list"):
         path = root / name
         if path.is_file():
@@ -84,7 +100,8 @@ def check_la(root: Path, labeled: int, num_classes: int, val_split: str, holdout
     return problems
 
 
-def check_ssl4mis(root: Path, labeled_patients: int, num_classes: int, val_split: str) -> list[str]:
+def check_ssl4mis(root: Path, labeled_patients: int, num_classes: int, val_split: str,
+                  channels: ChannelRule | None = None) -> list[str]:
     problems: list[str] = []
     train_list, val_list = root / "train_slices.list", root / f"{val_split}.list"
     train_names = _read_list(train_list, problems)
@@ -99,9 +116,9 @@ def check_ssl4mis(root: Path, labeled_patients: int, num_classes: int, val_split
     labelled = set(patients[: max(labeled_patients, 0)])
     for name in train_names:
         _check_file(root / "data" / f"{name}.h5", train_list.name, (2, 3), patient_of(name) in labelled,
-                    num_classes, problems)
+                    num_classes, problems, channels)
     for name in val_names:
-        _check_file(root / "data" / f"{name}.h5", val_list.name, (3, 4), True, num_classes, problems)
+        _check_file(root / "data" / f"{name}.h5", val_list.name, (3, 4), True, num_classes, problems, channels)
 
     other_lists = [val_list] + ([root / "test.list"] if val_split != "test" and (root / "test.list").is_file()
                                 else [])
@@ -132,7 +149,8 @@ def _read_list(path: Path, problems: list[str]) -> list[str]:
 
 
 def _check_file(
-    path: Path, listed_in: str, ndims: tuple[int, int], labelled: bool, num_classes: int, problems: list[str]
+    path: Path, listed_in: str, ndims: tuple[int, int], labelled: bool, num_classes: int, problems: list[str],
+    channels: ChannelRule | None = None,
 ) -> None:
     """Problems of one h5 file: a slice (ndims 2 or 3: (H, W) or (C, H, W)) or a volume (3 or 4)."""
     if not path.is_file():
@@ -156,6 +174,10 @@ def _check_file(
     what = "slice (H, W) or (C, H, W)" if ndims[0] == 2 else "volume (S, H, W) or (C, S, H, W)"
     if image.ndim not in ndims:
         problems.append(f"{path}: expected a {what}, got image shape {image.shape}")
+    elif channels is not None:
+        problem = channels.problem(path, image.shape[0] if image.ndim == ndims[1] else 1)
+        if problem:
+            problems.append(problem)
     if not np.issubdtype(image.dtype, np.number):
         problems.append(f"{path}: image has dtype {image.dtype}, not numbers")
         return

@@ -14,3 +14,8 @@ class NonFiniteLossError(RuntimeError):
 class RunFailedError(RuntimeError):
     """A training run started as a separate process (``dust benchmark --jobs``) exited with an error; the
     message names the run's command, its last output line and the file holding the rest."""
+
+
+class RunDirectoryBusyError(RuntimeError):
+    """Another process holds the run directory (``dust train`` twice on one run, or ``--resume`` of a live run);
+    the message names the directory and the holder's pid."""

@@ -36,6 +36,7 @@ from dust.engine.checkpoint import (
     save_iteration_checkpoint,
 )
 from dust.engine.errors import NonFiniteLossError
+from dust.engine.run_lock import lock_run_directory
 from dust.methods import Method, Stage, get_method
 from dust.models.layers import memory_format, to_channels_last
 
@@ -140,8 +141,10 @@ class Trainer:
         self.device = distributed.rank_device(pick_device(cfg["device"]), self.ranks)
         self.run_dir = format_run_dir(cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_lock = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_lock = lock_run_directory(self.run_dir)  # before anything is written: one process per run
         setup_logging(self.run_dir if self.is_main else None)
         if not self.is_main:
             log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
@@ -356,6 +359,12 @@ class Trainer:
             self.writer.close()
         distributed.barrier()  # rank 0's last checkpoint and best.pt are on disk before any rank reads them
         return {"best": self.best, "last_dice": self.history[-1]["dice"] if self.history else None}
+
+    def release_run_directory(self) -> None:
+        """Let another process use the run directory (the lock also ends with this process)."""
+        if self.run_lock is not None:
+            self.run_lock.close()
+            self.run_lock = None
 
     def recalibration_batches(self) -> list[torch.Tensor]:
         """``batchnorm_recalibration_batches`` fresh batches of the images the method trains on now (labelled, plus

@@ -86,28 +86,31 @@ def _set_overrides(command: str) -> list[tuple[str, str]]:
 
 def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list[dict]:
     trainer = Trainer(cfg)
-    if resume and not trainer.resume():
-        log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
-    command = pin_precision(_command_of_record(trainer.run_dir, command, resume, trainer.is_main),
-                            precision_of(cfg))
-    trainer.fit()
-    records = []
-    for tag in ("last", "best"):
-        if tag == "best":
-            state = load_checkpoint(trainer.ckpt_dir / "best.pt")
-            for k, net in trainer.method.networks.items():
-                net.load_state_dict(state["networks"][k])
-        per_case, summary = distributed.evaluate_volumes_sharded(trainer.method, trainer.data.val, cfg,
-                                                                 trainer.device)
+    try:
+        if resume and not trainer.resume():
+            log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
+        command = pin_precision(_command_of_record(trainer.run_dir, command, resume, trainer.is_main),
+                                precision_of(cfg))
+        trainer.fit()
+        records = []
+        for tag in ("last", "best"):
+            if tag == "best":
+                state = load_checkpoint(trainer.ckpt_dir / "best.pt")
+                for k, net in trainer.method.networks.items():
+                    net.load_state_dict(state["networks"][k])
+            per_case, summary = distributed.evaluate_volumes_sharded(trainer.method, trainer.data.val, cfg,
+                                                                     trainer.device)
+            if trainer.is_main:
+                write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
+            records.append(make_record(cfg, summary, tag, trainer.train_seconds, command))
+            log.info("%s checkpoint: %s Dice %.2f | per class %s", tag, cfg["val_split"], records[-1]["dice"],
+                     {c: v["dice"] for c, v in records[-1]["per_class"].items()})
         if trainer.is_main:
-            write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
-        records.append(make_record(cfg, summary, tag, trainer.train_seconds, command))
-        log.info("%s checkpoint: %s Dice %.2f | per class %s", tag, cfg["val_split"], records[-1]["dice"],
-                 {c: v["dice"] for c, v in records[-1]["per_class"].items()})
-    if trainer.is_main:
-        atomic_write_text(json.dumps(records, indent=1), trainer.run_dir / "results.json")
-        write_run_report(trainer.run_dir)
-    return records
+            atomic_write_text(json.dumps(records, indent=1), trainer.run_dir / "results.json")
+            write_run_report(trainer.run_dir)
+        return records
+    finally:
+        trainer.release_run_directory()  # after the last file of the run is written
 
 
 def write_run_report(run_dir: Path) -> None:
