@@ -13,7 +13,7 @@ import torch
 
 from dust.config import ConfigError
 from dust.engine.batchnorm import recalibrate_batchnorm
-from dust.engine.checkpoint import iteration_checkpoints, load_latest
+from dust.engine.checkpoint import CheckpointError, iteration_checkpoints, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer
 from dust.engine.workflows import full_config, train
 
@@ -92,6 +92,57 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_cfg):
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as after a crash mid-write without rename
     state, path = load_latest(trainer.ckpt_dir)
     assert path == previous and state["iteration"] == 10
+    # moved aside, so the next rotation deletes nothing good to keep a bad file
+    assert not newest.exists() and newest.with_name(newest.name + ".corrupt").exists()
+    assert iteration_checkpoints(trainer.ckpt_dir) == [previous]
+
+
+def test_resume_with_every_checkpoint_unreadable_stops_instead_of_starting_again(tiny_cfg):
+    cfg = tiny_cfg()
+    Trainer(cfg).fit()
+    for path in iteration_checkpoints(Path(cfg["run_dir"]) / "checkpoints"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="all 2 checkpoint\\(s\\) are unreadable"):
+        Trainer(cfg).resume()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_identically(tiny_cfg, monkeypatch, capsys):
+    import errno
+
+    from dust.engine import checkpoint
+
+    cfg = tiny_cfg(iterations=20, val_every=10)
+    reference = Trainer({**cfg, "run_dir": cfg["run_dir"] + "_reference"})
+    reference.fit()
+    real_fsync, real_mkstemp, writing = checkpoint.os.fsync, checkpoint.tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        writing.append(kwargs.get("prefix", ""))
+        return real_mkstemp(*args, **kwargs)
+
+    def fsync_until_the_disk_fills(fd):  # iteration 10's files fit; iteration 20's checkpoint finds no space
+        if "iter_0000020" in writing[-1]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync_until_the_disk_fills)
+    trainer = Trainer(cfg)
+    with pytest.raises(checkpoint.DiskFullError, match="no space left on device") as err:
+        trainer.fit()
+    assert "\n" not in str(err.value) and str(Path(cfg["run_dir"])) in str(err.value)
+    ckpt = Path(cfg["run_dir"]) / "checkpoints"
+    assert not list(ckpt.glob(".*.tmp")) and load_latest(ckpt)[0]["iteration"] == 10  # no temp file; 10 intact
+    assert "no space left on device" in (Path(cfg["run_dir"]) / "train.log").read_text()
+    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)  # space freed
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", real_mkstemp)
+    trainer.release_run_directory()
+    resumed = Trainer(cfg)
+    assert resumed.resume() and resumed.iteration == 10
+    resumed.fit()
+    for name, net in reference.method.networks.items():
+        for a, b in zip(net.state_dict().values(), resumed.method.networks[name].state_dict().values(), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_training_again_into_a_run_with_checkpoints_refuses_to_overwrite(tiny_cfg):

@@ -103,7 +103,7 @@ def _h5(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def test_nnunet_prepare_train_predict_keeps_the_input_grid(tmp_path: Path, capsys):
+def test_nnunet_prepare_train_predict_keeps_the_input_grid(tmp_path: Path, capsys, monkeypatch):
     source = _nnunet(tmp_path / "Dataset001_Heart")
     prepared = tmp_path / "prepared"
     assert main(["prepare", "--source", str(source), "--out", str(prepared), "--val", "1", "--labeled", "2"]) == 0
@@ -157,6 +157,28 @@ def test_nnunet_prepare_train_predict_keeps_the_input_grid(tmp_path: Path, capsy
         for metric in ("dice", "hd95_vox", "hd95_mm", "asd_mm"):
             assert on_nifti["per_class"][name][metric]["mean"] == pytest.approx(
                 on_h5["per_class"][name][metric]["mean"], abs=1e-9), (name, metric)
+
+    # A folder with one truncated scan: the others are predicted, the bad one is named, the exit is non-zero.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(source / "imagesTs", mixed)
+    bad = mixed / "case_006_0000.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(best), "--input", str(mixed), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 case(s) could not be predicted" in err and str(bad) in err
+    assert (tmp_path / "m" / "case_005.nii.gz").is_file() and not (tmp_path / "m" / "case_006.nii.gz").exists()
+
+    # Killed mid-write: nothing is left under a final name (nor a temp file).
+    def killed_while_writing(img, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nib, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        main(["predict", "--checkpoint", str(best), "--input", str(single), "--output", str(tmp_path / "k")])
+    assert list((tmp_path / "k").iterdir()) == []
+
 
 
 def test_msd_two_modalities_train_dust_predict_uncertainty_and_rank(tmp_path: Path):

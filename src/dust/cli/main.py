@@ -12,13 +12,13 @@ from pathlib import Path
 from dust.cli import benchmark, check_data, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.types import DataError
-from dust.engine.checkpoint import CheckpointError
+from dust.engine.checkpoint import CheckpointError, DiskFullError
 from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFailedError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 USER_ERRORS = (
     ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFailedError, RunDirectoryBusyError, FileExistsError,
-    FileNotFoundError,
+    FileNotFoundError, DiskFullError,
     ValueError,
 )
 

@@ -14,6 +14,7 @@ training config; ``dust predict`` applies the same to new cases.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -271,4 +272,12 @@ def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> Non
         img.header["cal_min"] = img.header["cal_max"] = 0  # the input's display window means nothing here
     img.set_data_dtype(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    # a temp file in the same folder, then a rename: a kill mid-write never leaves a truncated file under the final
+    # name (the temp name keeps the ending, which tells nibabel the format)
+    tmp = path.with_name(f".{os.getpid()}.tmp.{path.name}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

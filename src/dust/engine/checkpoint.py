@@ -1,11 +1,15 @@
 """Checkpoints: written atomically (temp file + rename), loaded with ``weights_only=True``.
 
-A kill at any moment leaves either the previous file or the new one, never half a file. The last
-``keep`` iteration checkpoints are kept; if the newest is unreadable, loading falls back to the one before.
+A kill at any moment leaves either the previous file or the new one, never half a file; a full disk is one line
+naming the file (the previous file intact). The last ``keep`` iteration checkpoints are kept; an unreadable newest
+one is moved aside (``*.pt.corrupt``, so rotation never deletes a good file to keep it) and loading falls back to
+the one before; when every one is unreadable, resuming stops instead of starting again over the user's files.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import re
@@ -24,6 +28,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message names the file."""
 
 
+class DiskFullError(OSError):
+    """No space left while writing a file; the message names it (the previous version is intact)."""
+
+
 def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
     """Write through a temp file in the same folder, fsync, then rename over ``path``: a reader (or a kill)
     sees the old content or the new, never a torn file."""
@@ -36,8 +44,13 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            message = (f"{path}: no space left on device while writing it (the previous version, if any, is "
+                       "intact; free some space, then resume)")
+            log.error(message)
+            raise DiskFullError(errno.ENOSPC, message) from None
         raise
 
 
@@ -46,8 +59,11 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically (checkpoints, snapshots)."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    """``torch.save`` atomically (checkpoints, snapshots). Serialised in memory first, so that a failed write is
+    the operating system's error (e.g. ENOSPC) and not a failure deep inside PyTorch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write(path, "wb", lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,12 +91,21 @@ def save_iteration_checkpoint(state: dict[str, Any], ckpt_dir: Path, iteration: 
 
 
 def load_latest(ckpt_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest readable iteration checkpoint; a corrupt newer one is skipped with a warning."""
-    for path in iteration_checkpoints(ckpt_dir):
+    """The newest readable iteration checkpoint, or None when there is none yet. An unreadable one is moved aside
+    to ``<name>.corrupt`` with a warning; if every checkpoint is unreadable, a ``CheckpointError`` says so."""
+    found = iteration_checkpoints(ckpt_dir)
+    for path in found:
         try:
             return load_checkpoint(path), path
         except CheckpointError as err:
-            log.warning("skipping unreadable checkpoint, falling back to the previous one: %s", err)
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.warning("skipping unreadable checkpoint (moved to %s), falling back to the previous one: %s",
+                        aside.name, err)
+    if found:
+        raise CheckpointError(f"{ckpt_dir}: all {len(found)} checkpoint(s) are unreadable (moved aside as "
+                              "*.pt.corrupt); nothing to resume from. Start a new run (another run_dir), or "
+                              "restore a checkpoint")
     return None
 
 

@@ -89,9 +89,13 @@ def predict_cases(
     cases = find_input_cases(input_path)
     # labels stay method.predict's (what evaluation scores); the uncertainty needs the method's extra heads
     heads = method.inference_heads if uncertainty else (lambda x: (method.predict(x),))
-    written = []
+    written, failed = [], []
     for case in _progress(cases, "predict", progress):
-        image, grid = _read_case(case, cfg)
+        try:  # a bad case is reported at the end; the others are still predicted
+            image, grid = _read_case(case, cfg)
+        except DataError as err:
+            failed.append(str(err))
+            continue
         probs = predictor.case(heads, image)
         path = out_dir / f"{case.case_id}{case.ending}"
         write_stored(grid, probs[0].argmax(0).numpy().astype(np.uint8), np.uint8, path)
@@ -99,6 +103,9 @@ def predict_cases(
         if uncertainty:
             write_stored(grid, uncertainty_map(probs).numpy(), np.float32,
                          out_dir / "uncertainty" / f"{case.case_id}{case.ending}")
+    if failed:
+        raise DataError(f"{len(failed)} of {len(cases)} case(s) could not be predicted (the other {len(written)} "
+                        f"are in {out_dir}):\n  " + "\n  ".join(failed))
     return written
 
 
