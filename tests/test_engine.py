@@ -231,3 +231,22 @@ def test_batchnorm_recalibration_leaves_networks_that_predict_does_not_use(tiny_
     recalibrate_batchnorm(method.networks, method.predict, [torch.rand(4, 1, 32, 32)], contextlib.nullcontext())
     assert all(torch.equal(a, b) for a, b in zip(before_model2, stats("model2"), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(before_model, stats("model"), strict=True))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_checkpoint_holding_code_is_refused_in_one_line_without_a_load_it_anyway_hint(tmp_path: Path):
+    from dust.engine.checkpoint import load_checkpoint
+
+    path = tmp_path / "evil.pt"
+    torch.save({"networks": _RunsCode()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and "refused" in message and "system" in message
+    assert "weights_only" not in message and "\n" not in message

@@ -200,6 +200,7 @@ class Comparison:
     labeled_patients: tuple[int, ...]
     setting: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    analysis: str = "analysis.md"  # the hand-written page saying what the numbers mean (linked from the table)
 
 
 def comparison_markdown(records: list[dict], comparison: Comparison) -> list[str]:
@@ -259,8 +260,10 @@ def results_markdown(records: list[dict], title: str, comparison: Comparison | N
         "Each row averages the runs that differ only in their seed: mean ± std over seeds (population std, ddof=0;",
         "one seed shows its value alone). A row with another setting (precision, resize, decoder, a method option",
         "...) is a variant of the protocol and is never averaged with it.",
-        "What the numbers say, what was checked and what is still open: [analysis.md](analysis.md) (hand-written).",
     ]
+    analysis = comparison.analysis if comparison is not None else "analysis.md"
+    lines.append(f"What the numbers say, what was checked and what is still open: [{analysis}]({analysis}) "
+                 "(hand-written).")
     if comparison is not None:
         lines += ["", "## Methods side by side (last checkpoint)", "", comparison.note, "",
                   *comparison_markdown(records, comparison), "",

@@ -93,6 +93,7 @@ _LA_COMPARISON = Comparison(
          "volumes (the first N of train.list); validation = the last 8 of train.list, on the original grid. "
          "Reproduce a row with `dust benchmark --protocol la-cpu --methods METHOD --labeled-patients N --seeds "
          "1337 2024 4242 --jobs 2 --threads 1`; each seed's command is under Commands.",
+    analysis="la.md",
 )
 
 PROTOCOLS = {

@@ -12,6 +12,7 @@ import errno
 import io
 import logging
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Callable
@@ -72,8 +73,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # said without torch's hint to load it anyway (weights_only=False)
+        detail = _unpickling_detail(str(err))
+        if "GLOBAL" in detail:
+            raise CheckpointError(f"{path}: refused: it holds Python objects beyond weights ({detail}); dust loads "
+                                  "checkpoints as weights only") from None
+        raise CheckpointError(f"{path}: not a readable dust checkpoint ({detail})") from None
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable dust checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: not a readable dust checkpoint ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+
+
+def _unpickling_detail(message: str) -> str:
+    """The lines of torch's weights-only refusal that say what was found, without its boilerplate."""
+    boilerplate = ("Weights only load failed", "weights_only", "Please file an issue", "Check the documentation")
+    lines = [line.replace("WeightsUnpickler error:", "").strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not any(b in line for b in boilerplate)]
+    return "; ".join(kept) or "unreadable"
 
 
 def iteration_checkpoints(ckpt_dir: Path) -> list[Path]:

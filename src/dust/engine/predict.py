@@ -122,7 +122,8 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
     models = [load_for_inference(Path(p)) for p in checkpoints]
     cfg = models[-1][1]
     for (_, other), path in zip(models, checkpoints, strict=True):
-        for key in (*RECORDED_KEYS, "patch_size", "image_interpolation", "spatial_policy", "resample_factor"):
+        for key in ("method", "seed", "labeled_patients", "run_dir", *RECORDED_KEYS, "patch_size",
+                    "image_interpolation", "spatial_policy", "resample_factor"):
             if other[key] != cfg[key]:
                 raise CheckpointError(f"{path}: {key}={other[key]!r} differs from {checkpoints[-1]}'s {cfg[key]!r}; "
                                       "rank with checkpoints of one run")
