@@ -163,15 +163,15 @@ import signal
 from dust.methods.supervised import Supervised
 
 
-class _KillWhileSaved:
-    def __reduce__(self):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _killed_instead(fd):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class KillableSupervised(Supervised):
     def extra_state(self):
+        # the checkpoint being built is serialised, then written; the process dies before its data is synced
         if os.environ.get("KILL_DURING_CHECKPOINT") == str(self.trainer.iteration):
-            return {"poison": _KillWhileSaved()}
+            os.fsync = _killed_instead
         return {}
 '''
 
