@@ -333,7 +333,7 @@ def test_a_second_process_on_a_busy_run_directory_is_refused_and_the_first_files
                                       "val_every": 2, "batch_size": 2, "unlabeled_batch_size": 2, "threads": 1,
                                       "tensorboard": False, "progress": False, "labeled_patients": 2}))
     assert main(["train", "--config", str(config)]) == 0
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
     holder = subprocess.Popen(  # another process holding the run directory, as a live `dust train` does
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from dust.engine.run_lock import "
          "lock_run_directory; h = lock_run_directory(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
@@ -347,5 +347,5 @@ def test_a_second_process_on_a_busy_run_directory_is_refused_and_the_first_files
     finally:
         holder.kill()
         holder.wait()
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
     assert main(["train", "--resume", str(run_dir)]) == 0  # the lock died with its process: no stale lock

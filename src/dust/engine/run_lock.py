@@ -1,4 +1,4 @@
-"""One process per run directory: an advisory lock on ``<run_dir>/.lock`` holding the owner's pid.
+"""One process per run directory: an advisory lock on ``<run_dir>/run.lock`` holding the owner's pid.
 
 Two ``dust train`` on one run directory (or ``--resume`` of a run still going) would interleave ``train.log`` and
 overwrite each other's checkpoints and metrics. A POSIX record lock (``fcntl.lockf``) is released by the operating
@@ -15,7 +15,7 @@ from typing import IO
 
 from dust.engine.errors import RunDirectoryBusyError
 
-LOCK_NAME = ".lock"
+LOCK_NAME = "run.lock"
 
 
 def lock_run_directory(run_dir: Path) -> IO[str]:
