@@ -80,8 +80,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                                   "checkpoints as weights only") from None
         raise CheckpointError(f"{path}: not a readable dust checkpoint ({detail})") from None
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable dust checkpoint ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable dust checkpoint ({type(err).__name__}: {first_line})") from None
 
 
 def _unpickling_detail(message: str) -> str:

@@ -26,7 +26,19 @@ def register(name: str):
 
 def _load_builtins() -> None:
     # Imported lazily so that `import dust.methods` stays cheap and free of cycles.
-    from dust.methods import cps, dct, dtc, dust, mc_net, mcf, mean_teacher, st_plus_plus, supervised, ua_mt, urpc  # noqa: F401
+    from dust.methods import (  # noqa: F401
+        cps,
+        dct,
+        dtc,
+        dust,
+        mc_net,
+        mcf,
+        mean_teacher,
+        st_plus_plus,
+        supervised,
+        ua_mt,
+        urpc,
+    )
 
 
 def available_methods() -> list[str]:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from dust.models.base import EncoderDecoder
 from dust.models.layers import batchnorm, channel_dropout, conv
-from dust.models.vnet import VNetDecoder
+from dust.models.vnet import VNetDecoder, conv_stage
 
 RESNET34_STAGES = (3, 4, 6, 3)  # basic blocks per down-sampling stage
 
@@ -48,8 +48,7 @@ class ResNetEncoder(nn.Module):
         ch = list(channels)
         if len(ch) != len(RESNET34_STAGES) + 1:
             raise ValueError(f"the ResNet encoder has {len(RESNET34_STAGES) + 1} levels; got channels {ch}")
-        self.stem = nn.Sequential(conv(dims)(in_channels, ch[0], 3, padding=1), batchnorm(dims)(ch[0]),
-                                  nn.ReLU(inplace=True))
+        self.stem = conv_stage(1, in_channels, ch[0], dims)  # the VNet's level 0
         self.stages = nn.ModuleList(
             nn.Sequential(*(BasicBlock(ch[i] if b == 0 else ch[i + 1], ch[i + 1], 2 if b == 0 else 1, dims)
                             for b in range(n)))
