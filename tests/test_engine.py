@@ -250,3 +250,17 @@ def test_a_checkpoint_holding_code_is_refused_in_one_line_without_a_load_it_anyw
     message = str(err.value)
     assert str(path) in message and "refused" in message and "system" in message
     assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_checkpoint_whose_config_was_edited_to_another_model_is_one_line_naming_the_file(tiny_cfg, capsys):
+    from dust.cli.main import main
+
+    trainer = Trainer(tiny_cfg(iterations=2, val_every=2))
+    trainer.fit()
+    path = trainer.ckpt_dir / "best.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["channels"] = [8, 16, 32, 64, 128]  # a hand edit: the weights are of a 4-64 U-Net
+    torch.save(state, path)
+    assert main(["evaluate", "--checkpoint", str(path), "--split", "val"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and str(path) in message and "'model'" in message and "size mismatch" in message

@@ -404,3 +404,20 @@ def test_raw_acdc_layout_prepares_back_to_the_shared_h5_files(tmp_path: Path):
         assert ours["image"].shape == shared["image"].shape
         assert np.allclose(ours["image"], shared["image"], atol=1e-6)
         assert np.array_equal(ours["label"], shared["label"])
+
+
+def test_files_of_an_input_folder_that_are_not_images_are_named_once_when_skipped(tmp_path: Path, caplog):
+    from dust.data.nifti import find_input_cases
+
+    folder = tmp_path / "scans"
+    _save(np.zeros((8, 8, 3), np.float32), folder / "case_a.nii.gz")
+    (folder / "notes.txt").write_text("scanner protocol")
+    (folder / "case_b.nii.bak").write_bytes(b"")
+    (folder / ".DS_Store").write_bytes(b"")  # hidden files are not cases and not worth a word
+    with caplog.at_level("WARNING", logger="dust"):
+        cases = find_input_cases(folder)
+    assert [c.case_id for c in cases] == ["case_a"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "skipped 2 file(s)" in warnings[0] and "case_b.nii.bak" in warnings[0] and "notes.txt" in warnings[0]
+    assert ".DS_Store" not in warnings[0]

@@ -14,6 +14,7 @@ training config; ``dust predict`` applies the same to new cases.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -26,6 +27,7 @@ import numpy as np
 
 from dust.data.types import DataError
 
+log = logging.getLogger("dust")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 INTENSITY_NORMS = ("minmax", "zscore")
 CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
@@ -212,6 +214,10 @@ def find_input_cases(path: Path) -> list[InputCase]:
     h5s = [p for p in files if p.suffix == ".h5"]
     if not niftis and not h5s:
         raise DataError(f"{path}: no .nii.gz, .nii or .h5 files")
+    skipped = [p.name for p in files if nifti_stem(p) is None and p.suffix != ".h5"]
+    if skipped:  # said, so that a case saved under an unexpected ending is not silently left out
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d file(s) that are not .nii.gz, .nii or .h5: %s", path, len(skipped), shown)
     cases = [InputCase(p.stem, [p], ".nii.gz") for p in h5s]
     groups: dict[str, dict[int, Path]] = {}
     matches = [CHANNEL_FILE.match(stem) for _, stem in niftis]

@@ -135,3 +135,21 @@ def check_compatible(state: dict[str, Any], path: Path, method: str, num_classes
         raise CheckpointError(
             f"{path}: checkpoint has {state['num_classes']} classes but the config asks for {num_classes}"
         )
+
+
+def load_network_weights(networks: dict[str, torch.nn.Module], state: dict[str, Any], path: Path) -> None:
+    """Each network's weights from a checkpoint's ``networks``; weights that do not fit the model its config builds
+    (a hand-edited config, a checkpoint of another model) are one ``CheckpointError`` naming the file, the network
+    and the first mismatches, instead of PyTorch's multi-line ``load_state_dict`` report."""
+    saved = state.get("networks", {})
+    for name, net in networks.items():
+        if name not in saved:
+            raise CheckpointError(f"{path}: holds no weights for network {name!r} (it has {sorted(saved)})")
+        try:
+            net.load_state_dict(saved[name])
+        except (RuntimeError, KeyError, TypeError) as err:
+            problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err).strip()]
+            summary = "; ".join(problems)
+            summary = summary if len(summary) <= 300 else summary[:297] + "..."
+            raise CheckpointError(f"{path}: the weights of network {name!r} do not fit the model its config "
+                                  f"describes (was the config edited?): {summary}") from None

@@ -15,7 +15,13 @@ from dust.config import format_run_dir, resolve_config, resolve_data_dir
 from dust.data import load_split, write_phantom
 from dust.data.check import check_data, raise_if_problems
 from dust.engine import distributed
-from dust.engine.checkpoint import CheckpointError, atomic_write_text, check_compatible, load_checkpoint
+from dust.engine.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    check_compatible,
+    load_checkpoint,
+    load_network_weights,
+)
 from dust.engine.evaluation import evaluate_volumes, write_evaluation
 from dust.engine.trainer import Trainer, build_method, close_run_log, pick_device
 from dust.methods import get_method
@@ -95,9 +101,8 @@ def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list
         records = []
         for tag in ("last", "best"):
             if tag == "best":
-                state = load_checkpoint(trainer.ckpt_dir / "best.pt")
-                for k, net in trainer.method.networks.items():
-                    net.load_state_dict(state["networks"][k])
+                best = trainer.ckpt_dir / "best.pt"
+                load_network_weights(trainer.method.networks, load_checkpoint(best), best)
             per_case, summary = distributed.evaluate_volumes_sharded(trainer.method, trainer.data.val, cfg,
                                                                      trainer.device)
             if trainer.is_main:
@@ -133,8 +138,7 @@ def load_trained(path: Path, device: torch.device | None = None) -> tuple[Any, d
     check_compatible(state, path, cfg["method"], cfg["num_classes"])
     device = device or pick_device(cfg["device"])
     method = build_method(cfg, device)
-    for k, net in method.networks.items():
-        net.load_state_dict(state["networks"][k])
+    load_network_weights(method.networks, state, path)
     return method, cfg
 
 
