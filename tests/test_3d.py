@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from dust.engine.trainer import Trainer
 from dust.engine.workflows import full_config, train
 from dust.methods import available_methods
 from dust.models import make_model
+from dust.uncertainty import sample_uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
 # staged methods need enough iterations for each of their stages (pre-training, stage 1, stage 2)
@@ -248,3 +250,62 @@ def test_the_la_cpu_protocol_reads_the_real_data_and_trains(tmp_path):
     assert all(0.0 <= r["dice"] <= 100.0 and r["resize"] == "crop" for r in records)
     per_case = (tmp_path / "run" / "metrics_val_last.csv").read_text().splitlines()[1:]
     assert len(per_case) == 8  # the last 8 of train.list, scored on the original grid
+
+
+# ---------------------------------------------------------------------------------------------- DUST in 3D
+def test_eq1_gives_one_value_per_volume_the_mean_over_its_voxels():
+    """K=3 snapshots of two 2x2x2 volumes, two classes: Eq. 1 by hand."""
+    fg = torch.zeros(3, 2, 2, 2, 2)  # (K, N, S, H, W): foreground probability
+    fg[0, 0, 0, 0, 0] = 0.9  # volume 0: snapshot 1 disagrees with the reference on one voxel by 0.9
+    fg[1, 0] = 0.0
+    fg[:, 1] = 0.5  # volume 1: every snapshot agrees everywhere
+    fg[0, 1, 1, 1, 1], fg[1, 1, 1, 1, 1] = 0.7, 0.3  # ... except one voxel: 0.7 and 0.3 against 0.5
+    probs = torch.stack([1 - fg, fg], 2)  # (K, N, C, S, H, W)
+    # volume 0: the pair (1, K) differs by 0.9 in both classes on 1 of 8 voxels, the pair (2, K) nowhere
+    expected_0 = (0.9**2 * 2 / (2 * 8) + 0) / 2
+    expected_1 = (0.2**2 * 2 / (2 * 8) + 0.2**2 * 2 / (2 * 8)) / 2
+    u = sample_uncertainty(probs)
+    assert u.shape == (2,) and torch.allclose(u, torch.tensor([expected_0, expected_1]))
+    # over the foreground only: volume 1's argmax is background (a 0.5 tie) everywhere but at snapshot 1's 0.7
+    # voxel, so its value is that voxel's class-mean squared difference alone
+    assert torch.allclose(sample_uncertainty(probs, "foreground")[1], torch.tensor(0.2**2))
+
+
+def test_dust_in_3d_ranks_every_unlabelled_volume_and_the_report_shows_the_ends(tiny_cfg_3d, capsys):
+    cfg = tiny_cfg_3d(method="dust", iterations=12, val_every=4, batchnorm_recalibration_batches=2,
+                      snapshot_batchnorm_recalibration=True)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert [h["stage"] for h in trainer.history][-1] == "stage2" and trainer.iteration == 12
+    pool = trainer.data.unlabeled
+    with (trainer.run_dir / "sample_uncertainty.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["image_id"] for r in rows) == sorted(pool.ids) and len(pool.ids) == len(set(pool.ids)) > 1
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    values = [float(r["uncertainty"]) for r in rows]
+    assert values == sorted(values) and all(np.isfinite(values))
+    assert all(y.shape == img.shape[-3:] for y, img in zip(pool.pseudo_labels, pool.images, strict=True))
+    assert dust_main(["report", str(trainer.run_dir)]) == 0
+    html = (trainer.run_dir / "report.html").read_text()
+    assert "Sample uncertainty of the unlabelled pool" in html
+    assert "easiest" in html and "hardest" in html and "volumes (middle axial slice)" in html
+
+
+def test_dust_rank_lists_every_3d_scan_of_a_folder_once_hardest_first(tiny_cfg_3d, la_phantom_root, tmp_path):
+    cfg = tiny_cfg_3d(method="dust", iterations=10, val_every=10)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for case_id in (la_phantom_root / "train.list").read_text().split()[:4]:
+        with h5py.File(case_path(la_phantom_root, case_id)) as f:
+            nib.save(nib.Nifti1Image(f["image"][:], np.diag([0.625, 0.625, 0.625, 1.0])), inputs / f"{case_id}.nii.gz")
+    snapshots = [str(trainer.ckpt_dir / f"pretrain_k{k}.pt") for k in (1, 2, 3)]
+    out = tmp_path / "rank.csv"
+    assert dust_main(["rank", "--checkpoints", *snapshots, "--input", str(inputs), "--out", str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in rows) == sorted(p.name[: -len(".nii.gz")] for p in inputs.iterdir())
+    values = [float(r["uncertainty"]) for r in rows]
+    assert values == sorted(values, reverse=True) and [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
+    assert all(int(r["slices"]) == 16 for r in rows)  # (X, Y, Z) = (24, 20, 16): slices along the last axis
