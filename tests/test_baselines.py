@@ -140,9 +140,9 @@ def test_each_baseline_trains_through_the_engine_and_lowers_its_supervised_loss(
         assert set(state["networks"]) == {"model", "teacher"}
 
 
-@pytest.mark.parametrize("method", ["cps", "mcf"])
+@pytest.mark.parametrize("method", ["cps", "mcf", "fixdyn"])
 def test_two_network_resume_restores_both_networks_and_matches(tiny_cfg, tmp_path: Path, method: str):
-    kw = dict(method=method, iterations=20, val_every=10)
+    kw = dict(method=method, iterations=20, val_every=10, spatial_policy="crop" if method == "fixdyn" else "resize")
     full = Trainer(tiny_cfg(run_dir=str(tmp_path / "full"), **kw))
     full.fit()
     cut = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))

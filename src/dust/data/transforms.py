@@ -171,3 +171,54 @@ def resize_label(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def resampled_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
     """The grid a case of ``shape`` is trained on at ``resample_factor`` (at least one voxel per axis)."""
     return tuple(max(1, round(s * factor)) for s in shape)
+
+
+# ---------------------------------------------------------------------------------------------- batch-level mixing
+def shifted_window(context: torch.Tensor, margin: Sequence[int], offset: Sequence[int],
+                   patch_size: Sequence[int]) -> torch.Tensor:
+    """The window of ``patch_size`` at ``offset`` from the centre patch of a context crop (B, C, *(patch + 2 *
+    margin)), the sampler's crop with ``unlabeled_margin``. Offset 0 on every axis is the centre ("fixed") patch."""
+    if any(abs(o) > m for o, m in zip(offset, margin, strict=True)):
+        raise ValueError(f"offset {tuple(offset)} leaves the context crop (margin {tuple(margin)})")
+    window = tuple(slice(m + o, m + o + p) for m, o, p in zip(margin, offset, patch_size, strict=True))
+    return context[(slice(None), slice(None), *window)]
+
+
+def to_centre_frame(window_values: torch.Tensor, offset: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map values (B, C, *patch) of the window at ``offset`` onto the centre patch's voxel grid.
+
+    Centre voxel j sits at window voxel j - offset. Returns ``(values, covered)``: values (B, C, *patch), zero where
+    the window does not reach, and the boolean mask (*patch) of the centre voxels the window covers."""
+    patch = window_values.shape[2:]
+    mapped = torch.zeros_like(window_values)
+    covered = torch.zeros(patch, dtype=torch.bool, device=window_values.device)
+    centre, source = [], []
+    for o, p in zip(offset, patch, strict=True):  # centre coordinates [max(o, 0), min(p, p + o)) are covered
+        centre.append(slice(max(o, 0), min(p, p + o)))
+        source.append(slice(max(o, 0) - o, min(p, p + o) - o))
+    mapped[(slice(None), slice(None), *centre)] = window_values[(slice(None), slice(None), *source)]
+    covered[tuple(centre)] = True
+    return mapped, covered
+
+
+def cutmix_box(spatial: Sequence[int], fraction: float, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """A boolean box mask (*spatial) of ``round(fraction * size)`` voxels along each axis at a random position."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"cutmix box fraction must be in (0, 1], got {fraction}")
+    mask = torch.zeros(tuple(spatial), dtype=torch.bool, device=device)
+    box = []
+    for size in spatial:
+        length = max(1, round(fraction * size))
+        start = int(torch.randint(0, size - length + 1, (), generator=generator))
+        box.append(slice(start, start + length))
+    mask[tuple(box)] = True
+    return mask
+
+
+def cut_mix(batch: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """CUT(.): inside ``box`` each sample takes the next sample's content (sample i from i + 1, the last from the
+    first), so with two samples p and q the box is swapped between them. Works on images (B, C, *spatial) and on
+    labels or probabilities of the same layout, so an image and its pseudo-label are mixed identically."""
+    box = box.view((1,) * (batch.dim() - box.dim()) + tuple(box.shape))
+    return torch.where(box, batch.roll(-1, dims=0), batch)

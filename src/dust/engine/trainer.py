@@ -33,6 +33,7 @@ from dust.engine.checkpoint import (
     atomic_save,
     check_compatible,
     load_latest,
+    load_network_weights,
     save_iteration_checkpoint,
 )
 from dust.engine.errors import NonFiniteLossError
@@ -161,7 +162,8 @@ class Trainer:
         if self.ranks.enabled:
             torch.manual_seed(int(cfg["seed"]) + self.ranks.rank)  # different dropout masks per rank
         self.sampler = TwoStreamSampler.from_config(self.data.labeled, self.data.unlabeled, cfg,
-                                                    int(cfg["seed"]) + self.ranks.rank)
+                                                    int(cfg["seed"]) + self.ranks.rank,
+                                                    self.method.unlabeled_crop_margin())
         self.optimizer = self._make_optimizer()
         self.spans = _stage_spans(self.method.stages())
         self.total_iterations = self.spans[-1].end
@@ -218,8 +220,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         check_compatible(state, path, self.cfg["method"], self.cfg["num_classes"])
-        for k, net in self.method.networks.items():
-            net.load_state_dict(state["networks"][k])
+        load_network_weights(self.method.networks, state, path)
         self.started_stage = int(state["started_stage"])
         self.iteration = int(state["iteration"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -31,6 +31,7 @@ def _load_builtins() -> None:
         dct,
         dtc,
         dust,
+        fixdyn,
         mc_net,
         mcf,
         mean_teacher,

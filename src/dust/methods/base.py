@@ -56,6 +56,11 @@ class Method:
         """Parameters the optimiser updates (default: every network's)."""
         return [p for net in self.networks.values() for p in net.parameters()]
 
+    def unlabeled_crop_margin(self) -> tuple[int, ...] | None:
+        """Voxels added on both sides of each axis of the unlabelled crops (default: none), for a method that cuts
+        shifted windows around the centre patch out of one augmented crop."""
+        return None
+
     def stages(self) -> list[Stage]:
         return [Stage("train", int(self.cfg["iterations"]))]
 
