@@ -23,7 +23,7 @@ PINS = Path(__file__).with_name("pins_2d.json")
 METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus_plus", "self_training", "st_ss",
            "dust"]
 # Methods written after the pins (nothing to compare with); tests/test_3d_baselines.py tests what they compute.
-ADDED_AFTER_THE_PINS = ["dtc", "mc_net", "mcf", "fixdyn"]
+ADDED_AFTER_THE_PINS = ["dtc", "mc_net", "mcf", "fixdyn", "multicure"]
 
 
 def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:

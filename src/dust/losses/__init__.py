@@ -10,7 +10,7 @@ from scipy import ndimage
 from dust.uncertainty.pixel import decoder_kl
 
 __all__ = ["dice_loss", "supervised_loss", "uncertainty_rectified_loss", "signed_distance_map",
-           "level_set_to_probability"]
+           "level_set_to_probability", "masked_supervised_loss", "class_prototypes", "prototype_contrastive_loss"]
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -74,3 +74,63 @@ def signed_distance_map(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 def level_set_to_probability(sdf: torch.Tensor, k: float = 1500.0) -> torch.Tensor:
     """DTC's transform from the level-set head to a foreground probability: sigmoid(-k * sdf) (k = 1500)."""
     return torch.sigmoid(-k * sdf.float())
+
+
+def masked_supervised_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                           smooth: float = 1e-5) -> torch.Tensor:
+    """CE + soft Dice (as :func:`dice_loss`, all classes) over the voxels where ``mask`` (B, *spatial) is true: the
+    pseudo-label loss of methods that keep only confident voxels. 0 when the mask is empty."""
+    keep = mask.float()
+    if keep.sum() == 0:
+        return logits.sum() * 0.0  # keeps the graph (and a gradient of 0) when no voxel is confident
+    ce = (F.cross_entropy(logits.float(), target.long(), reduction="none") * keep).sum() / keep.sum()
+    probs = torch.softmax(logits.float(), dim=1) * keep[:, None]
+    onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).float() * keep[:, None]
+    dims = (0, *range(2, probs.dim()))
+    dice = 1 - (2 * (probs * onehot).sum(dims) + smooth) / ((probs * probs).sum(dims) + onehot.sum(dims) + smooth)
+    return ce + dice.mean()
+
+
+def class_prototypes(features: torch.Tensor, classes: torch.Tensor, reliable: torch.Tensor,
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultiCURE Eq. 4: c_k = mean feature (B, D, *spatial) of the reliable voxels of class k. Returns
+    ``(prototypes (K, D), present (K,) bool)``; a class without reliable voxels has a zero row and present False."""
+    flat = features.movedim(1, -1).reshape(-1, features.shape[1]).float()
+    onehot = F.one_hot(classes.reshape(-1).long(), num_classes).float() * reliable.reshape(-1, 1).float()
+    counts = onehot.sum(0)
+    prototypes = (onehot.t() @ flat) / counts.clamp_min(1.0)[:, None]
+    return prototypes, counts > 0
+
+
+def prototype_contrastive_loss(features: torch.Tensor, classes: torch.Tensor, uncertain: torch.Tensor,
+                               prototypes: torch.Tensor, present: torch.Tensor,
+                               temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultiCURE Eq. 5 and its prototype-separation term: ``(pull, separation)``.
+
+    pull: the uncertain voxels' features (B, D, *spatial) against the class prototypes by cosine similarity / tau,
+    cross-entropy towards their own class ``classes`` (B, *spatial), averaged per class over its uncertain voxels
+    and then over classes (the 1/|S_k| of Eq. 5). Departure: Eq. 5's denominator sums over j != k only, which makes
+    the term the similarity gap (linear, unbounded in tau, negative once a voxel is nearer its own prototype); dust
+    keeps k in the denominator (the InfoNCE form: a log-probability, >= 0). The prototypes are not moved by this
+    term (detached: uncertain voxels go to the reliable ones, not the reverse).
+    separation: the mean cosine similarity between the present prototypes (pushes class clusters apart; it does move
+    the prototypes, hence the reliable features). Both are 0 when there is nothing to compare.
+    """
+    zero = features.sum() * 0.0
+    flat = F.normalize(features.movedim(1, -1).reshape(-1, features.shape[1]).float(), dim=1)
+    protos = F.normalize(prototypes.float(), dim=1)
+    labels, pick = classes.reshape(-1).long(), uncertain.reshape(-1) & present[classes.reshape(-1).long()]
+    pull = zero
+    if pick.any() and int(present.sum()) >= 2:
+        logits = flat[pick] @ protos.detach().t() / temperature
+        logits = logits.masked_fill(~present[None], float("-inf"))  # absent classes are no alternative
+        per_voxel = F.cross_entropy(logits, labels[pick], reduction="none")
+        per_class = [per_voxel[labels[pick] == k].mean() for k in labels[pick].unique()]
+        pull = torch.stack(per_class).mean()
+    separation = zero
+    if int(present.sum()) >= 2:
+        p = protos[present]
+        sim = p @ p.t()
+        off_diagonal = ~torch.eye(len(p), dtype=torch.bool, device=p.device)
+        separation = sim[off_diagonal].mean()
+    return pull, separation

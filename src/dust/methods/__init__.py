@@ -35,6 +35,7 @@ def _load_builtins() -> None:
         mc_net,
         mcf,
         mean_teacher,
+        multicure,
         st_plus_plus,
         supervised,
         ua_mt,

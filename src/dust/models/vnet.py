@@ -16,7 +16,7 @@ at ``dropout[-1]`` (0.5 in their code); the other entries of ``dropout`` add cha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -79,11 +79,15 @@ class VNetDecoder(nn.Module):
         self.dropout = channel_dropout(dims)(dropout) if dropout > 0 else nn.Identity()
         self.head = conv(dims)(ch[0], num_classes, 1)
 
-    def stages(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The features after each decoder level, deepest first (the last one feeds the head)."""
+    def stages(self, feats: list[torch.Tensor],
+               after_level: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The features after each decoder level, deepest first (the last one feeds the head). ``after_level(i, x)``,
+        if given, replaces level i's output before the next level reads it (e.g. MultiCURE's refinement)."""
         x, out = feats[-1], []
-        for up, block, skip in zip(self.ups, self.blocks, reversed(feats[:-1]), strict=True):
+        for i, (up, block, skip) in enumerate(zip(self.ups, self.blocks, reversed(feats[:-1]), strict=True)):
             x = block(up(x) + skip)
+            if after_level is not None:
+                x = after_level(i, x)
             out.append(x)
         return out
 

@@ -1,0 +1,133 @@
+"""MultiCURE: uncertainty-aware contrastive learning on MCF's two networks (Karimijafarbigloo et al., Sections 2-3).
+
+- ``model``, the **predictive** network (the configured VNet), and ``model2``, the **auxiliary** network (MCF's VNet
+  decoder on a ResNet encoder, :mod:`dust.models.resnet`) with the MultiCURE module in its decoder
+  (:mod:`dust.models.deformable`). Eq. 1: both supervised with CE + Dice on the labelled crops.
+- **Binary uncertainty map**: the predictive network's softmax confidence below ``confidence_threshold`` -> 1
+  (uncertain). It is added to the output of MultiCURE's deformable branch (the uncertainty attention map).
+- **Unlabelled loss** (Eq. 2): the predictive network's hard pseudo-label supervises the auxiliary network with
+  CE + Dice on the confident voxels (confidence > 0.7, the paper's), plus ``reg_weight`` * L_reg, the L1 distance
+  between the two networks' softmax on the voxels where their labels disagree (MCF's XOR region).
+- **Deep contrastive loss** (Eq. 4-5): per decoder level in ``contrastive_levels``, class prototypes are the mean
+  auxiliary features of the confident voxels of each class (ground truth on labelled crops, the pseudo-label on
+  unlabelled ones); uncertain voxels are pulled to their class prototype (cosine / ``temperature``), and the
+  prototypes are pushed apart (:func:`dust.losses.prototype_contrastive_loss`, whose docstring says where it departs
+  from Eq. 5).
+- Eq. 3: L = L_s + lambda_u L_u + lambda_c(t) L_c with lambda_u = 1. ``contrastive_schedule: paper`` (default) is the
+  formula as printed, lambda_c = 0.1 e^{4 (1 - t/t_max)^2}: it *decreases* from 5.46 to 0.1; ``rampup`` is the usual
+  ramp-up 0.1 e^{-5 (1 - t/t_max)^2}. docs/results/la.md says which the LA numbers support.
+
+Unstated in the paper, chosen here:
+- MultiCURE sits after the decoder's third level (``refine_level`` 2: half resolution, 32 channels of the LA VNet):
+  the boundary voxels it is meant to re-represent are resolved there, and its 27-tap deformable sampling costs an
+  eighth of what it would at full resolution. ``contrastive_levels`` are that level and the full-resolution one
+  (shallow and deep, per level on its own grid, masks taken by nearest-neighbour resizing; the losses are averaged).
+- ``temperature`` 0.5; ``reg_weight`` 0.5 (MCF's weight of its XOR term); ``reduction`` r = 4.
+- Nothing is detached but the pseudo-label, the uncertainty map and the prototypes' pull targets: L_reg trains both
+  networks, L_c the auxiliary one (its features); inference averages the two networks' softmax, as MCF's does.
+Ablation rows from this file: ``multicure_module: false`` (the auxiliary network without the module) and
+``contrastive: false``; the MCF base is ``method: mcf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dust.config import ConfigError
+from dust.losses import class_prototypes, dice_loss, masked_supervised_loss, prototype_contrastive_loss
+from dust.methods import register
+from dust.methods.base import Method
+from dust.models import make_model
+from dust.models.deformable import UncertaintyRefinedNetwork
+
+CONTRASTIVE_SCHEDULES = ("paper", "rampup")
+
+
+def contrastive_weight(schedule: str, iteration: int, iterations: int, base: float = 0.1) -> float:
+    """lambda_c(t): ``paper`` 0.1 e^{4 (1 - t)^2} (as printed, decreasing), ``rampup`` 0.1 e^{-5 (1 - t)^2}."""
+    t = min(max(iteration / max(iterations, 1), 0.0), 1.0)
+    if schedule == "paper":
+        return base * math.exp(4.0 * (1.0 - t) ** 2)
+    if schedule == "rampup":
+        return base * math.exp(-5.0 * (1.0 - t) ** 2)
+    raise ConfigError(f"contrastive_schedule {schedule!r}: choose one of {CONTRASTIVE_SCHEDULES}")
+
+
+def uncertainty_map(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The binary uncertainty map (B, 1, *spatial): 1 where the top softmax probability is below ``threshold``."""
+    return (probs.max(1, keepdim=True).values < threshold).float()
+
+
+def _resized(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """A (B, *spatial) integer or boolean map on another grid, nearest neighbour."""
+    if tuple(mask.shape[1:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(mask.dtype)
+
+
+@register("multicure")
+class MultiCURENetworks(Method):
+    defaults = {"unlabeled_weight": 1.0, "reg_weight": 0.5, "confidence_threshold": 0.7, "multicure_module": True,
+                "contrastive": True, "contrastive_schedule": "paper", "temperature": 0.5, "refine_level": 2,
+                "contrastive_levels": [2, 3], "reduction": 4, "second_model": "resnet_vnet"}
+    uses_unlabeled = True
+
+    def build(self) -> None:
+        contrastive_weight(self.cfg["contrastive_schedule"], 0, 1)  # an unknown schedule fails before training
+        self.networks["model"] = make_model(self.cfg)
+        auxiliary = make_model(self.cfg, model=self.cfg["second_model"])
+        if self.cfg["multicure_module"] or self.cfg["contrastive"]:  # the wrapper also hands out decoder features
+            auxiliary = UncertaintyRefinedNetwork(auxiliary, int(self.cfg["refine_level"]), int(self.cfg["reduction"]))
+            if not self.cfg["multicure_module"]:
+                auxiliary.multicure = None  # the features are read, nothing refines them
+        self.networks["model2"] = auxiliary
+
+    def _auxiliary(self, x: torch.Tensor, uncertain: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net = self.networks["model2"]
+        if not isinstance(net, UncertaintyRefinedNetwork):
+            return net(x), []
+        levels = tuple(self.cfg["contrastive_levels"]) if self.cfg["contrastive"] else ()
+        return net.refined(x, uncertain, levels)
+
+    def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
+        n, y_l = len(batch["x_l"]), batch["y_l"]
+        x = torch.cat([batch["x_l"], batch["x_u"]])
+        logits_p = self.networks["model"](x).float()
+        probs_p = torch.softmax(logits_p, 1)
+        threshold = float(self.cfg["confidence_threshold"])
+        uncertain = uncertainty_map(probs_p.detach(), threshold)  # (B, 1, *spatial)
+        logits_a, features = self._auxiliary(x, uncertain)
+        logits_a = logits_a.float()
+        probs_a = torch.softmax(logits_a, 1)
+
+        sup = sum(F.cross_entropy(out[:n], y_l.long()) + dice_loss(out[:n], y_l) for out in (logits_p, logits_a))
+        pseudo = probs_p[n:].detach().argmax(1)
+        confident = uncertain[n:, 0] == 0
+        disagree = (probs_p[n:].argmax(1) != probs_a[n:].argmax(1))[:, None].float()
+        reg = ((probs_p[n:] - probs_a[n:]).abs() * disagree).sum() / (disagree.sum() * probs_p.shape[1]).clamp_min(1)
+        losses = {"sup": sup, "unsup": float(self.cfg["unlabeled_weight"]) * (
+            masked_supervised_loss(logits_a[n:], pseudo, confident) + float(self.cfg["reg_weight"]) * reg)}
+
+        if self.cfg["contrastive"]:
+            classes = torch.cat([y_l.long(), pseudo])  # ground truth where there is one, else the pseudo-label
+            terms = []
+            for feats in features:
+                grid = feats.shape[2:]
+                cls, unc = _resized(classes, grid), _resized(uncertain[:, 0] > 0, grid)
+                prototypes, present = class_prototypes(feats, cls, ~unc, logits_p.shape[1])
+                pull, separation = prototype_contrastive_loss(feats, cls, unc, prototypes, present,
+                                                              float(self.cfg["temperature"]))
+                terms.append(pull + separation)
+            weight = contrastive_weight(self.cfg["contrastive_schedule"], iteration, int(self.cfg["iterations"]))
+            losses["contrast"] = weight * torch.stack(terms).mean()
+        if self.trainer is not None and (iteration + 1) % self.cfg["log_every"] == 0:
+            self.trainer.scalars({"multicure/uncertain_share": float(uncertain.mean())}, step=iteration + 1)
+        return losses
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        probs_p = torch.softmax(self.networks["model"](x).float(), 1)
+        logits_a, _ = self._auxiliary(x, uncertainty_map(probs_p, float(self.cfg["confidence_threshold"])))
+        return torch.log((probs_p + torch.softmax(logits_a.float(), 1)) / 2)  # the mean of the two networks
