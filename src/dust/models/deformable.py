@@ -59,11 +59,11 @@ class DeformableConv(nn.Module):
         grid = (where * scale - 1.0).flip(2)  # grid_sample: normalised to [-1, 1], last axis first (x, y, z)
         grid = grid.movedim(2, -1).reshape(b, taps * size[0], *size[1:], n)  # taps stacked along the first axis
         sampled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        sampled = sampled.view(b, c, taps, *size)  # (B, C, taps, *spatial)
-        out = torch.einsum("bct...,oct->bo...", sampled, self.weight.flatten(2).float())
+        # (B, C, taps * S, H, W) is (B, C * taps, voxels) in memory: the kernel is one matrix product, no copy
+        out = self.weight.flatten(1).float() @ sampled.reshape(b, c * taps, -1)
         if self.bias is not None:
-            out = out + self.bias.view(1, -1, *(1,) * n)
-        return out.to(x.dtype)
+            out = out + self.bias.view(1, -1, 1)
+        return out.view(b, -1, *size).to(x.dtype)
 
 
 class MultiCURE(nn.Module):
@@ -106,7 +106,7 @@ class UncertaintyRefinedNetwork(SegmentationNetwork):
     refined level's grid, so a cell holding one uncertain voxel counts as uncertain) and also returns the features
     of the decoder levels asked for."""
 
-    def __init__(self, network: nn.Module, refine_level: int = 2, reduction: int = 4) -> None:
+    def __init__(self, network: nn.Module, refine_level: int = 1, reduction: int = 4) -> None:
         super().__init__()
         self.network = network
         decoder = network.decoder
