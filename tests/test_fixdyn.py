@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from dust.config import ConfigError
+from dust.data.sampler import TwoStreamSampler
 from dust.data.transforms import cut_mix, cutmix_box, shifted_window, to_centre_frame
 from dust.engine.trainer import Trainer
+from dust.methods import fixdyn
+from dust.methods.consistency import pseudo_label_forwards
 from dust.methods.fixdyn import combine, draw_shifts, temporary_pseudo_label
+from dust.models import make_model
 
 
 def _coordinates(shape: tuple[int, ...]) -> torch.Tensor:
@@ -111,3 +115,57 @@ def test_the_same_file_trains_in_2d_and_refuses_what_it_cannot_do(tiny_cfg):
         Trainer(tiny_cfg(method="fixdyn", spatial_policy="crop", use_fixed=False, use_dynamic=False))
     with pytest.raises(ConfigError, match="needs spatial_policy: crop"):
         Trainer(tiny_cfg(method="fixdyn"))
+    with pytest.raises(ConfigError, match="unlabeled_batch_size >= 2"):
+        Trainer(tiny_cfg(method="fixdyn", spatial_policy="crop", unlabeled_batch_size=1))
+
+
+def test_the_centre_of_a_widened_unlabelled_crop_is_the_crop_a_plain_sampler_draws(tiny_cfg_3d):
+    trainer = Trainer(tiny_cfg_3d(method="supervised"))
+    data, patch = trainer.data, (16, 16, 16)
+    plain = TwoStreamSampler(data.labeled, data.unlabeled, 2, 3, patch, seed=7, spatial_policy="crop")
+    wide = TwoStreamSampler(data.labeled, data.unlabeled, 2, 3, patch, seed=7, spatial_policy="crop",
+                            unlabeled_margin=(0, 3, 5))
+    for _ in range(4):
+        a, b = plain.next(True)["x_u"], wide.next(True)["x_u"]
+        assert b.shape[2:] == (16, 22, 26)
+        assert torch.equal(shifted_window(b, (0, 3, 5), (0, 0, 0), patch), a)  # same place, same augmentation
+
+
+def test_pseudo_label_forwards_leave_batchnorm_statistics_alone_and_switch_dropout_off(tiny_cfg_3d):
+    net = make_model(tiny_cfg_3d(method="supervised", dropout=[0.0, 0.0, 0.0, 0.0, 0.5]))
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad(), pseudo_label_forwards(net):
+        first, second = net(x), net(x)
+    assert torch.equal(first, second)  # no dropout noise; batch statistics as in training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items() if "num_batches" not in k)
+    assert net.training and all(m.training for m in net.modules())
+    with torch.no_grad():
+        net(x)  # outside: running statistics move again
+    assert not all(torch.equal(before[k], v) for k, v in net.state_dict().items() if "running_mean" in k)
+
+
+def test_a_training_step_mixes_image_and_pseudo_labels_with_one_box(tiny_cfg_3d, monkeypatch):
+    boxes = []
+
+    def recording_cut_mix(batch, box):
+        boxes.append(box)
+        return torch.where(box.view((1,) * (batch.dim() - box.dim()) + tuple(box.shape)), batch.roll(-1, 0), batch)
+
+    monkeypatch.setattr(fixdyn, "cut_mix", recording_cut_mix)
+    trainer = Trainer(tiny_cfg_3d(method="fixdyn"))
+    trainer.method.train_step(trainer.sampler.next(True), iteration=0)
+    assert len(boxes) == 3  # the image, SN1's fixed and its dynamic pseudo-label
+    assert all(b is boxes[0] for b in boxes) and 0 < int(boxes[0].sum()) < boxes[0].numel()
+
+
+def test_the_pseudo_label_terms_change_what_the_subnets_learn(tiny_cfg_3d):
+    def weights(**overrides) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_cfg_3d(method="fixdyn", iterations=4, val_every=4, rampup_fraction=0.0, **overrides))
+        trainer.fit()
+        return [p.detach().clone() for p in trainer.method.networks["model"].parameters()]
+
+    with_terms, without = weights(), weights(fixed_weight=0.0, dynamic_weight=0.0)
+    assert any(not torch.equal(a, b) for a, b in zip(with_terms, without, strict=True))

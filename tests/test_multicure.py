@@ -36,13 +36,19 @@ def test_deformable_conv_with_zero_offsets_is_the_plain_convolution(dims):
 def test_deformable_conv_with_a_constant_integer_offset_is_the_convolution_of_the_shifted_volume():
     deformable, plain = _deformable_and_conv(3)
     x = torch.randn(1, 2, 6, 7, 8)
-    shift = (1, -2, 1)  # every tap samples one voxel deeper, two up, one right
+    shift = (2, -1, 0)  # every tap samples two voxels deeper and one up (not symmetric: the axis order matters)
     offsets = torch.tensor(shift, dtype=torch.float32).repeat(27).view(1, 81, 1, 1, 1).expand(1, 81, 6, 7, 8)
     got = deformable(x, offsets)
     shifted = torch.zeros_like(x)  # shifted[p] = x[p + shift], zeros beyond the volume (grid_sample's padding)
-    shifted[:, :, :5, 2:, :7] = x[:, :, 1:, :5, 1:]
+    shifted[:, :, :4, 1:, :] = x[:, :, 2:, :6, :]
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))  # taps inside the grid both ways
     assert torch.allclose(got[inner], plain(shifted)[inner], atol=1e-5)
+
+
+def test_deformable_conv_is_right_on_an_axis_of_one_voxel():
+    deformable, plain = _deformable_and_conv(3)
+    x = torch.randn(1, 2, 1, 4, 4)  # a deep decoder level of a thin crop
+    assert torch.allclose(deformable(x), plain(x), atol=1e-5)
 
 
 def test_gradients_reach_the_offsets():
@@ -83,6 +89,9 @@ def test_the_contrastive_loss_is_lower_when_uncertain_features_sit_on_their_own_
     assert own < other
     assert math.isclose(float(own), math.log(1 + math.exp(-2.0)), rel_tol=1e-5)  # cos 1 vs 0, tau 0.5
     assert math.isclose(float(separation), 0.0, abs_tol=1e-6)  # orthogonal prototypes
+    features = on_other.clone().requires_grad_(True)  # the pull moves the uncertain voxels' features
+    prototype_contrastive_loss(features, classes, uncertain, prototypes, present, 0.5)[0].backward()
+    assert features.grad.abs().sum() > 0
 
 
 def test_the_contrastive_weight_as_printed_decreases_and_the_option_ramps_up():

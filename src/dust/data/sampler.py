@@ -3,8 +3,9 @@
 Items are ``(C, *spatial)`` (slices for a 2D model, volumes for a 3D one); the spatial policy makes each a patch:
 ``resize`` (the whole item resized to the patch) or ``crop`` (pad + random crop, optional foreground
 oversampling on the labelled stream); see :mod:`dust.data.transforms`. With ``unlabeled_margin`` the unlabelled
-crops are larger by that margin on both sides of each axis, so that a method can cut windows shifted around the
-centre patch out of one augmented crop (fixed + dynamic pseudo-labels, :mod:`dust.methods.fixdyn`).
+crops are larger by that margin on both sides of each axis (their centre patch placed as a plain crop would be), so
+that a method can cut windows shifted around the centre patch out of one augmented crop (fixed + dynamic
+pseudo-labels, :mod:`dust.methods.fixdyn`).
 
 Each stream walks a seeded random permutation of its pool and reshuffles when it runs out (iteration-based
 training, as in SSL4MIS, without its epoch bookkeeping). All randomness lives in one ``torch.Generator``, so
@@ -67,11 +68,12 @@ class TwoStreamSampler:
         if spatial_policy not in ("resize", "crop"):
             raise ValueError(f"unknown spatial_policy {spatial_policy!r}; choose resize or crop")
         self.spatial_policy, self.foreground_oversample = spatial_policy, foreground_oversample
-        self.unlabeled_patch_size = self.patch_size
+        self.unlabeled_patch_size, self.unlabeled_margin = self.patch_size, None
         if unlabeled_margin:
             if spatial_policy != "crop" or len(unlabeled_margin) != len(self.patch_size) or min(unlabeled_margin) < 0:
                 raise ValueError(f"unlabeled_margin {tuple(unlabeled_margin)} needs spatial_policy crop and one "
                                  f"margin >= 0 per axis of the patch {self.patch_size}")
+            self.unlabeled_margin = tuple(unlabeled_margin)
             self.unlabeled_patch_size = tuple(p + 2 * m for p, m in zip(self.patch_size, unlabeled_margin,
                                                                         strict=True))
         self.generator = torch.Generator().manual_seed(seed)
@@ -98,8 +100,8 @@ class TwoStreamSampler:
         self.unlabeled_stream.pos = 0
 
     def _batch(self, pool: ItemSet, idx: torch.Tensor, labels: list[torch.Tensor] | None, foreground: float = 0.0,
-               patch_size: tuple[int, ...] | None = None):
-        patch_size = patch_size or self.patch_size
+               margin: tuple[int, ...] | None = None):
+        patch_size = self.patch_size if margin is None else self.unlabeled_patch_size
         xs, ys = [], []
         for i in idx.tolist():
             label = None if labels is None else labels[i]
@@ -108,7 +110,7 @@ class TwoStreamSampler:
                                     self.rotate_deg, self.interpolation)
             else:
                 x, y = augment_crop(pool.images[i], label, patch_size, self.generator, self.rot_flip,
-                                    self.rotate_deg, self.interpolation, foreground)
+                                    self.rotate_deg, self.interpolation, foreground, margin)
             xs.append(x)
             ys.append(y)
         return torch.stack(xs), (torch.stack(ys) if labels is not None else None)
@@ -121,8 +123,7 @@ class TwoStreamSampler:
             if self.unlabeled is None or len(self.unlabeled_stream.indices) == 0:
                 raise ValueError("this method needs unlabelled data but the unlabelled pool is empty")
             idx_u = self.unlabeled_stream.draw(self.unlabeled_batch_size, self.generator)
-            x_u, y_u = self._batch(self.unlabeled, idx_u, self.unlabeled.pseudo_labels,
-                                   patch_size=self.unlabeled_patch_size)
+            x_u, y_u = self._batch(self.unlabeled, idx_u, self.unlabeled.pseudo_labels, margin=self.unlabeled_margin)
             batch.update(x_u=x_u, idx_u=idx_u)
             if y_u is not None:
                 batch["y_u"] = y_u  # pseudo-labels, never ground truth

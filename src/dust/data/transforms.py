@@ -103,10 +103,15 @@ def augment_crop(
     rotate_deg: float = 0.0,
     interpolation: str = "bilinear",
     foreground_oversample: float = 0.0,
+    margin: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``crop`` policy: rot90 by a random k and a flip along a random in-plane axis (always, as UA-MT's
     RandomRotFlip), a rotation in ±rotate_deg (p=0.5, when rotate_deg > 0), zero padding to at least the patch,
     then a random crop of ``patch_size``.
+
+    With ``margin`` the item is first zero-padded by the margin on both sides of each axis and ``patch_size`` is the
+    patch plus twice the margin: the crop's centre patch is then placed exactly as a plain crop of the patch would
+    be, and the margin holds the item's neighbourhood (or zeros beyond its edge).
 
     With ``foreground_oversample`` p and a label holding foreground, a share p of crops is centred on a random
     foreground voxel (clamped to the item), as nnU-Net oversamples foreground; the others start uniformly.
@@ -119,6 +124,9 @@ def augment_crop(
     if rotate_deg > 0 and torch.rand((), generator=generator) < 0.5:
         angle = float((torch.rand((), generator=generator) * 2 - 1) * rotate_deg)
         image, label = _resample(image, label, tuple(image.shape[1:]), angle, interpolation)
+    if margin is not None and any(margin):
+        pads = [v for m in reversed(margin) for v in (m, m)]  # F.pad: last axis first
+        image, label = F.pad(image, pads), None if label is None else F.pad(label, pads)
     image, label = pad_to(image, label, patch_size)
     size = image.shape[1:]
     centre = None

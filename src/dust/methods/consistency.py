@@ -1,4 +1,5 @@
-"""Pieces the consistency-based baselines share: the sigmoid ramp-up, the EMA teacher, input noise, sharpening.
+"""Pieces the consistency-based methods share: the sigmoid ramp-up, the EMA teacher, input noise, sharpening, and
+extra pseudo-label forwards that leave BatchNorm's running statistics alone.
 
 Every schedule length is a fraction of the run's budget (``cfg["iterations"]``), never a fixed iteration
 count: SSL4MIS ramps its consistency weight over ``consistency_rampup=200`` "epochs" of 150 iterations, i.e.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -62,3 +65,26 @@ def sharpen(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     (T = 0.1). For two classes it is MC-Net's p^(1/T) / (p^(1/T) + (1 - p)^(1/T)). Computed in log space, so a
     small T does not underflow."""
     return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / temperature, dim=1)
+
+
+@contextmanager
+def pseudo_label_forwards(*networks: nn.Module) -> Iterator[None]:
+    """For extra forwards that only make pseudo-labels during training: BatchNorm still normalises with the batch's
+    own statistics (as the training forward does) but leaves its running statistics alone, and dropout is off, so
+    the extra forwards neither skew the statistics validation uses nor add dropout noise to the labels."""
+    saved: list[tuple[nn.Module, float | None, bool]] = []
+    for net in networks:
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                saved.append((module, module.momentum, module.training))
+                module.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+            elif isinstance(module, nn.modules.dropout._DropoutNd):
+                saved.append((module, None, module.training))
+                module.eval()
+    try:
+        yield
+    finally:
+        for module, momentum, training in saved:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = momentum
+            module.train(training)

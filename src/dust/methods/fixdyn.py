@@ -3,7 +3,8 @@
 Two subnets SN1 (``model``) and SN2 (``model2``) of the same shape, initialised differently (kaiming / xavier, as
 dust's CPS), both trained on the labelled crops with alpha * CE + (1 - alpha) * Dice. Per unlabelled crop:
 
-- the **fixed crop** x_f is the sampler's random crop; each subnet's prediction on it is its **fixed pseudo-label**;
+- the **fixed crop** x_f is the sampler's random crop (placed as any crop is; the sampler pads the volume by the
+  shift margin, so shifted crops at its edge read zeros); each subnet's prediction on it is its **fixed pseudo-label**;
 - four **shifted crops** lie around x_f, moved by d_1..d_4 voxels (+/- along each of the two in-plane axes; each d
   redrawn every iteration in [1, max_shift]); the subnet's predictions on them, mapped back onto x_f's voxels and
   averaged where all four overlap x_f, are its **temporary pseudo-label**;
@@ -17,9 +18,10 @@ w(t) the sigmoid ramp-up over ``rampup_fraction`` of the run. With ``use_fixed: 
 ``cutmix: false`` the paper's ablation rows run from the same file (without CutMix SN2 sees x_f too).
 
 The shifted crops are cut out of one augmented crop that the sampler makes larger by ``max_shift`` on each side of
-the shifted axes (``unlabeled_crop_margin``), so image and shifts share one rotation / flip. Their forwards run
-without gradients, batched: one per subnet. The shifts are drawn from torch's global generator, which the
-checkpoint saves, so a resumed run draws the same shifts.
+the shifted axes (``unlabeled_crop_margin``), so image and shifts share one rotation / flip. The pseudo-labels come
+from one forward per subnet without gradients on the fixed and shifted crops together, with dropout off and
+BatchNorm's running statistics left alone (``pseudo_label_forwards``). The shifts and the CutMix box are drawn from
+torch's global generator, which the checkpoint saves, so a resumed run draws the same ones.
 
 What the paper's abstract and figure captions leave unstated (its code is not public) is a config key here:
 - ``max_shift_fraction`` 0.125: shifts up to 1/8 of the in-plane patch (8 voxels of a 64-voxel LA crop, 10 mm at the
@@ -27,7 +29,8 @@ What the paper's abstract and figure captions leave unstated (its code is not pu
   shifted (in 2D both axes are in-plane);
 - ``cutmix_fraction`` 2/3 of each axis: the box BCP (Bai et al., CVPR 2023) uses for LA;
 - ``fixed_weight`` = ``dynamic_weight`` = 0.1 with the ramp over the whole run: dust's CPS weighting, so that
-  "fixed only, no CutMix" is CPS's unlabelled term and the rows differ only in what is switched on;
+  "fixed only, no CutMix" is close to CPS's cross term on unlabelled crops (dust's CPS also cross-supervises the
+  labelled crops, and takes its labels from the training forward) and the rows differ only in what is switched on;
 - ``hard_pseudo_labels`` true (argmax + CE, as CPS); false uses the softmax as a soft CE target;
 - ``confidence_threshold`` 0 (none): voxels whose pseudo-label confidence is below it are left out of L_fix / L_dyn;
 - ``alpha`` 0.5: CE and Dice weighted equally (the paper's Figure 5 varies it);
@@ -45,7 +48,7 @@ from dust.data.transforms import cut_mix, cutmix_box, shifted_window, to_centre_
 from dust.losses import dice_loss
 from dust.methods import register
 from dust.methods.base import Method
-from dust.methods.consistency import ramp
+from dust.methods.consistency import pseudo_label_forwards, ramp
 from dust.methods.cps import init_conv_weights
 from dust.models import make_model
 
@@ -92,6 +95,9 @@ class FixedDynamicCoTraining(Method):
                               "unlabelled data (that is method: supervised)")
         if self.cfg["spatial_policy"] != "crop":
             raise ConfigError("fixdyn cuts shifted crops: it needs spatial_policy: crop")
+        if self.cfg["cutmix"] and int(self.cfg["unlabeled_batch_size"]) < 2:
+            raise ConfigError("fixdyn: cutmix swaps a box between two unlabelled crops; it needs "
+                              "unlabeled_batch_size >= 2 (or cutmix: false)")
         self.networks["model"] = init_conv_weights(make_model(self.cfg), nn.init.kaiming_normal_)
         self.networks["model2"] = init_conv_weights(make_model(self.cfg), nn.init.xavier_normal_)
 
@@ -127,17 +133,18 @@ class FixedDynamicCoTraining(Method):
 
         out1 = sn1(torch.cat([x_l, x_f])).float()
         out2 = sn2(torch.cat([x_l, x_sn2])).float()
-        with torch.no_grad():  # pseudo-labels: SN2 on x_f (it trained on the mix), both subnets on the shifted crops
+        # Pseudo-labels of both subnets from one batched forward each, without gradients, on the fixed crop and the
+        # four shifted crops; fixed and temporary labels thus come from the same forward (same batch statistics,
+        # no dropout), and these forwards leave BatchNorm's running statistics alone.
+        with torch.no_grad(), pseudo_label_forwards(sn1, sn2):
             offsets = draw_shifts(margin) if self.cfg["use_dynamic"] else []
-            shifted = torch.cat([shifted_window(context, margin, o, patch) for o in offsets] + [x_f[:0]])
-            fixed1 = torch.softmax(out1[n:].detach(), 1)
-            fixed2 = torch.softmax(sn2(torch.cat([x_f, shifted])).float(), 1)
-            shifted2, fixed2 = fixed2[m:], fixed2[:m]
-            labels1, labels2 = {"fix": fixed1}, {"fix": fixed2}
-            if offsets:
-                shifted1 = torch.softmax(sn1(shifted).float(), 1)
-                for labels, probs in ((labels1, shifted1), (labels2, shifted2)):
-                    temporary, overlap = temporary_pseudo_label(list(probs.split(m)), offsets)
+            views = torch.cat([x_f, *(shifted_window(context, margin, o, patch) for o in offsets)])
+            labels1, labels2 = {}, {}
+            for net, labels in ((sn1, labels1), (sn2, labels2)):
+                probs = torch.softmax(net(views).float(), 1)
+                labels["fix"] = probs[:m]
+                if offsets:
+                    temporary, overlap = temporary_pseudo_label(list(probs[m:].split(m)), offsets)
                     labels["dyn"] = combine(labels["fix"], temporary, overlap)
 
         losses = {"sup": self.supervised(out1[:n], y_l) + self.supervised(out2[:n], y_l)}

@@ -7,7 +7,7 @@
   (uncertain). It is added to the output of MultiCURE's deformable branch (the uncertainty attention map).
 - **Unlabelled loss** (Eq. 2): the predictive network's hard pseudo-label supervises the auxiliary network with
   CE + Dice on the confident voxels (confidence > 0.7, the paper's), plus ``reg_weight`` * L_reg, the L1 distance
-  between the two networks' softmax on the voxels where their labels disagree (MCF's XOR region).
+  between the two networks' softmax on the confident voxels where their labels disagree (MCF's XOR region).
 - **Deep contrastive loss** (Eq. 4-5): per decoder level in ``contrastive_levels``, class prototypes are the mean
   auxiliary features of the confident voxels of each class (ground truth on labelled crops, the pseudo-label on
   unlabelled ones); uncertain voxels are pulled to their class prototype (cosine / ``temperature``), and the
@@ -28,8 +28,10 @@ Unstated in the paper, chosen here:
 - ``temperature`` 0.5; ``reg_weight`` 0.5 (MCF's weight of its XOR term); ``reduction`` r = 4.
 - Nothing is detached but the pseudo-label, the uncertainty map and the prototypes' pull targets: L_reg trains both
   networks, L_c the auxiliary one (its features); inference averages the two networks' softmax, as MCF's does.
-Ablation rows from this file: ``multicure_module: false`` (the auxiliary network without the module) and
-``contrastive: false``; the MCF base is ``method: mcf``.
+Ablation rows from this file: the base is ``multicure_module: false`` + ``contrastive: false`` (the two networks
+with Eq. 1-2 only); ``multicure_module: false`` (the auxiliary network without the module) and ``contrastive:
+false`` switch one off. ``method: mcf`` is a reference row, not the base: MCF's own unlabelled terms (CDR, DCPLG)
+and its (CE + Dice) / 2 differ from Eq. 1-2.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class MultiCURENetworks(Method):
         sup = sum(F.cross_entropy(out[:n], y_l.long()) + dice_loss(out[:n], y_l) for out in (logits_p, logits_a))
         pseudo = probs_p[n:].detach().argmax(1)
         confident = uncertain[n:, 0] == 0
-        disagree = (probs_p[n:].argmax(1) != probs_a[n:].argmax(1))[:, None].float()
+        # L_reg on the XOR region, and like all of L_u only where the predictive network is confident (Section 2)
+        disagree = ((probs_p[n:].argmax(1) != probs_a[n:].argmax(1)) & confident)[:, None].float()
         reg = ((probs_p[n:] - probs_a[n:]).abs() * disagree).sum() / (disagree.sum() * probs_p.shape[1]).clamp_min(1)
         losses = {"sup": sup, "unsup": float(self.cfg["unlabeled_weight"]) * (
             masked_supervised_loss(logits_a[n:], pseudo, confident) + float(self.cfg["reg_weight"]) * reg)}

@@ -55,10 +55,12 @@ class DeformableConv(nn.Module):
         base = torch.stack(axes)  # (n, *spatial): each voxel's own coordinates
         shape = (1, taps, n) + (1,) * n
         where = base[None, None] + self.taps.view(shape) + offsets  # (B, taps, n, *spatial) sample positions
-        scale = torch.tensor([2.0 / max(s - 1, 1) for s in size], device=x.device).view(1, 1, n, *(1,) * n)
-        grid = (where * scale - 1.0).flip(2)  # grid_sample: normalised to [-1, 1], last axis first (x, y, z)
+        # grid_sample's normalised coordinates with align_corners=False: voxel i spans [2i/s - 1, 2(i+1)/s - 1], so
+        # its centre is (i + 0.5) * 2 / s - 1 (also right on an axis of size 1); last axis first (x, y, z)
+        scale = torch.tensor([2.0 / s for s in size], device=x.device).view(1, 1, n, *(1,) * n)
+        grid = ((where + 0.5) * scale - 1.0).flip(2)
         grid = grid.movedim(2, -1).reshape(b, taps * size[0], *size[1:], n)  # taps stacked along the first axis
-        sampled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        sampled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # (B, C, taps * S, H, W) is (B, C * taps, voxels) in memory: the kernel is one matrix product, no copy
         out = self.weight.flatten(1).float() @ sampled.reshape(b, c * taps, -1)
         if self.bias is not None:
@@ -101,10 +103,11 @@ class UncertaintyRefinedNetwork(SegmentationNetwork):
     """A VNet-decoder network (e.g. MCF's ResNet-VNet) with MultiCURE after decoder level ``refine_level`` (0 =
     the deepest of its four levels, 3 = the full-resolution one).
 
-    ``forward(x)`` gives logits as the wrapped network does (MultiCURE sees no uncertainty); ``refined(x, uncertainty,
-    feature_levels)`` takes the binary uncertainty map (B, 1, *spatial) at the input's resolution (max-pooled onto the
-    refined level's grid, so a cell holding one uncertain voxel counts as uncertain) and also returns the features
-    of the decoder levels asked for."""
+    ``refined(x, uncertainty, feature_levels)`` takes the binary uncertainty map (B, 1, *spatial) at the input's
+    resolution (max-pooled onto the refined level's grid, so a cell holding one uncertain voxel counts as uncertain)
+    and also returns the features of the decoder levels asked for. ``forward(x)`` runs MultiCURE without a map;
+    training always passes one, so a caller with the predictive network's map uses ``refined``, as MultiCURE's
+    ``predict`` does."""
 
     def __init__(self, network: nn.Module, refine_level: int = 1, reduction: int = 4) -> None:
         super().__init__()
