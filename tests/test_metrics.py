@@ -160,3 +160,26 @@ def test_write_case_csv(tmp_path):
     assert rows[2] == ["c2", "A", "0.5", "0.25", "4.0", "2.0", "", ""]
     with pytest.raises(ValueError):
         write_case_csv(path, ["c1"], [])
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    # (class-1 Dice mean, class-1 HD95 mean, class-2 Dice mean, overall Dice mean, overall HD95 mean)
+    ("dust", (0.5, math.sqrt(48) / 2, 1.0, 0.75, math.sqrt(48) / 4)),
+    ("nnunet", (0.5, 0.0, math.nan, 0.5, 0.0)),
+    ("exclude", (1.0, 0.0, math.nan, 1.0, 0.0)),
+])
+def test_an_empty_prediction_scores_as_its_empty_mask_policy_says(policy, expected):
+    """Case A predicts class 1 perfectly, case B misses it; class 2 is absent from both masks of both cases."""
+    ref = np.zeros((4, 4, 4), np.int64)
+    ref[1:3, 1:3, 1:3] = 1
+    names = {1: "one", 2: "two"}
+    case_a = case_metrics(ref.copy(), ref, names, empty_mask_policy=policy)
+    case_b = case_metrics(np.zeros_like(ref), ref, names, empty_mask_policy=policy)
+    summary = summarize([case_a, case_b], policy)
+    got = (summary["per_class"]["one"]["dice"]["mean"], summary["per_class"]["one"]["hd95_vox"]["mean"],
+           summary["per_class"]["two"]["dice"]["mean"], summary["overall"]["dice"]["mean"],
+           summary["overall"]["hd95_vox"]["mean"])
+    assert got == pytest.approx(expected, nan_ok=True)
+    assert summary["empty_mask_policy"] == policy
+    with pytest.raises(ValueError, match="empty_mask_policy 'medpy'"):
+        case_metrics(ref, ref, names, empty_mask_policy="medpy")

@@ -49,6 +49,8 @@ BASE_DEFAULTS: dict[str, Any] = {
     # patch_size, ACDC as SSL4MIS) | crop (pad if smaller, random crop; inference by a sliding window, as LA papers)
     "spatial_policy": "resize",
     "foreground_oversample": 0.0,  # crop: share of labelled crops centred on a random foreground voxel (nnU-Net 0.33)
+    # what a class that is empty in the prediction or the reference scores (docs/metrics.md): dust | nnunet | exclude
+    "empty_mask_policy": "dust",
     "augment_rot_flip": True,
     "augment_rotate_deg": 20.0,
     # how slices are resized to patch_size, in training and inference: bilinear | nearest (SSL4MIS's order-0 zoom)
@@ -153,7 +155,8 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
     return resolved
 
 
-CHOICES = {"spatial_policy": ("resize", "crop"), "inference_blend": ("gaussian", "constant"),
+CHOICES = {"spatial_policy": ("resize", "crop"), "empty_mask_policy": ("dust", "nnunet", "exclude"),
+           "inference_blend": ("gaussian", "constant"),
            "dataset": ("ssl4mis_h5", "la_h5")}
 
 # Numeric engine keys: (integer?, lowest allowed, highest allowed or None, is the lowest itself allowed?).

@@ -67,13 +67,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.pred and args.ref) or args.checkpoint:
             raise ConfigError("dust evaluate: give --pred DIR and --ref DIR together, without --checkpoint")
         summary = evaluate_folders(Path(args.pred), Path(args.ref), Path(args.out) if args.out else None,
-                                   args.class_names)
+                                   args.class_names, args.empty_mask_policy or "dust")
         print(json.dumps(summary["overall"], indent=1))
         return 0
     if not args.checkpoint:
         raise ConfigError("dust evaluate needs --checkpoint CKPT (or --pred DIR --ref DIR)")
     summary = evaluate_checkpoint(Path(args.checkpoint), args.split, args.data_dir,
-                                  Path(args.out) if args.out else None)
+                                  Path(args.out) if args.out else None, empty_mask_policy=args.empty_mask_policy)
     print(json.dumps(summary["overall"], indent=1))
     return 0
 
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", metavar="DIR", help="reference label NIfTIs (their header spacing gives mm distances)")
     p.add_argument("--class-names", nargs="+", metavar="NAME",
                    help="with --pred/--ref: names of labels 0..K-1, background first (default: the labels found)")
+    p.add_argument("--empty-mask-policy", choices=["dust", "nnunet", "exclude"],
+                   help="how a class empty in prediction or reference scores (docs/metrics.md; default: the run's, "
+                        "or dust)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the phantom, train DUST, evaluate, print per-class Dice")

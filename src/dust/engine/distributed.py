@@ -219,7 +219,7 @@ def evaluate_volumes_sharded(
     per_case_mine = evaluate_volumes(method, mine, cfg, device, distances=distances)[0] if mine else []
     shards = all_gather_objects(per_case_mine)
     per_case = [shards[i % world][i // world] for i in range(len(volumes))]
-    return per_case, summarize(per_case)
+    return per_case, summarize(per_case, cfg["empty_mask_policy"])
 
 
 # ---------------------------------------------------------------------------------------------- launching

@@ -35,8 +35,9 @@ def evaluate_volumes(
             raise ValueError(f"volume {vol.case_id} has no label to evaluate against")
         probs = predictor.case(lambda x: (method.predict(x),), vol.image)[0]  # on the label's own grid
         pred = probs.argmax(0).numpy().astype(np.uint8)
-        per_case.append(case_metrics(pred, vol.label, class_names, vol.spacing, distances=distances))
-    return per_case, summarize(per_case)
+        per_case.append(case_metrics(pred, vol.label, class_names, vol.spacing, distances=distances,
+                                     empty_mask_policy=cfg["empty_mask_policy"]))
+    return per_case, summarize(per_case, cfg["empty_mask_policy"])
 
 
 def dice_percent(summary: dict, digits: int = 2) -> dict:

@@ -150,12 +150,14 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
 
 
 def evaluate_folders(
-    pred_dir: Path, ref_dir: Path, out_dir: Path | None = None, class_names: Sequence[str] | None = None
+    pred_dir: Path, ref_dir: Path, out_dir: Path | None = None, class_names: Sequence[str] | None = None,
+    empty_mask_policy: str = "dust",
 ) -> dict:
     """Score ``pred_dir/<name>`` against every reference NIfTI ``ref_dir/<name>`` (nnU-Net's evaluate-folder).
 
     Distances in mm use the reference header's voxel size. ``class_names`` (background first) names labels
-    0..K-1; by default every non-zero label found is scored, named by its value. Writes ``metrics.csv`` (per
+    0..K-1; by default every non-zero label found is scored, named by its value. ``empty_mask_policy``: how a class
+    empty in the prediction or the reference scores (:mod:`dust.metrics.segmentation`). Writes ``metrics.csv`` (per
     case and class) and ``metrics.json`` (the summary) into ``out_dir`` (default: ``pred_dir``).
     """
     refs = [p for p in visible_files(ref_dir) if nifti_stem(p) is not None]
@@ -185,8 +187,8 @@ def evaluate_folders(
                 outside = sorted({int(v) for v in np.unique(label)} - set(range(len(class_names))))
                 if outside:
                     raise DataError(f"{path}: label values {outside} outside the {len(class_names)} class names")
-        per_case.append(case_metrics(pred, ref, names, spacing))
-    summary = summarize(per_case)
+        per_case.append(case_metrics(pred, ref, names, spacing, empty_mask_policy=empty_mask_policy))
+    summary = summarize(per_case, empty_mask_policy)
     out_dir = out_dir or pred_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     write_case_csv(out_dir / "metrics.csv", [nifti_stem(ref) for _, ref in pairs], per_case)

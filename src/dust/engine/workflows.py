@@ -143,11 +143,14 @@ def load_trained(path: Path, device: torch.device | None = None) -> tuple[Any, d
 
 
 def evaluate_checkpoint(
-    path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None
+    path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None,
+    empty_mask_policy: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
-    defaults to the checkpoint's file name) next to the checkpoint."""
+    defaults to the checkpoint's file name) next to the checkpoint. ``empty_mask_policy`` overrides the run's."""
     method, cfg = load_trained(path)
+    if empty_mask_policy is not None:
+        cfg = full_config({**cfg, "empty_mask_policy": empty_mask_policy})
     root = resolve_data_dir(data_dir or cfg["data_dir"])
     if data_dir is None and cfg["generate_phantom"]:
         write_phantom(cfg, root)  # makes sure the phantom exists

@@ -3,6 +3,7 @@
 from dust.metrics.segmentation import (
     EMPTY_BOTH_DISTANCE,
     EMPTY_BOTH_OVERLAP,
+    EMPTY_MASK_POLICIES,
     EMPTY_ONE_OVERLAP,
     METRIC_NAMES,
     ClassMetrics,
@@ -15,6 +16,7 @@ from dust.metrics.segmentation import (
 __all__ = [
     "EMPTY_BOTH_DISTANCE",
     "EMPTY_BOTH_OVERLAP",
+    "EMPTY_MASK_POLICIES",
     "EMPTY_ONE_OVERLAP",
     "METRIC_NAMES",
     "ClassMetrics",

@@ -15,13 +15,16 @@ we compare against report, and the surface-distance machinery is MONAI's (``get_
 * Distances are reported in voxels (spacing 1, the convention of the papers' tables) and, when a
   ``spacing`` is given, also in mm.
 
-Empty-mask conventions (per class, so that means over cases stay finite and are comparable):
+Empty masks (per class; ``empty_mask_policy``, docs/metrics.md shows the three side by side):
 
-* prediction and reference both empty: perfect agreement, Dice = Jaccard = 1, HD95 = ASD = 0
-  (:data:`EMPTY_BOTH_OVERLAP`, :data:`EMPTY_BOTH_DISTANCE`);
-* exactly one of them empty (missed or hallucinated structure): Dice = Jaccard = 0 and HD95 = ASD = the
-  diagonal of the image extent, ``sqrt(sum((n_i * s_i)^2))`` (s_i = 1 for voxel units), an upper bound on
-  any surface distance in that image (:data:`EMPTY_ONE_OVERLAP`, :func:`image_diagonal`).
+* ``dust`` (default; means over cases stay finite and a missed structure is penalised): prediction and reference
+  both empty is perfect agreement, Dice = Jaccard = 1, HD95 = ASD = 0 (:data:`EMPTY_BOTH_OVERLAP`,
+  :data:`EMPTY_BOTH_DISTANCE`); exactly one of them empty (missed or hallucinated structure) gives Dice = Jaccard
+  = 0 and HD95 = ASD = the diagonal of the image extent, ``sqrt(sum((n_i * s_i)^2))`` (s_i = 1 for voxel units),
+  an upper bound on any surface distance in that image (:data:`EMPTY_ONE_OVERLAP`, :func:`image_diagonal`);
+* ``nnunet`` (``nnUNetv2_evaluate_folder``): both empty gives NaN for every metric, left out of the means; one
+  empty gives Dice = Jaccard = 0 and NaN distances (undefined; medpy raises), left out of the distance means;
+* ``exclude``: a class of a case in which either mask is empty is left out of every mean.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 
 __all__ = [
+    "EMPTY_MASK_POLICIES",
     "EMPTY_BOTH_DISTANCE",
     "EMPTY_BOTH_OVERLAP",
     "EMPTY_ONE_OVERLAP",
@@ -47,6 +51,7 @@ __all__ = [
     "write_case_csv",
 ]
 
+EMPTY_MASK_POLICIES = ("dust", "nnunet", "exclude")
 EMPTY_BOTH_OVERLAP = 1.0  # Dice/Jaccard when prediction and reference are both empty
 EMPTY_BOTH_DISTANCE = 0.0  # HD95/ASD when prediction and reference are both empty
 EMPTY_ONE_OVERLAP = 0.0  # Dice/Jaccard when exactly one is empty (distances: image_diagonal)
@@ -87,9 +92,14 @@ def _hd95_asd(
 
 
 def _binary_metrics(
-    p: np.ndarray, r: np.ndarray, spacing: Sequence[float] | None, distances: bool = True
+    p: np.ndarray, r: np.ndarray, spacing: Sequence[float] | None, distances: bool = True, policy: str = "dust"
 ) -> ClassMetrics:
     p_any, r_any = bool(p.any()), bool(r.any())
+    nan_mm = math.nan if spacing is not None else None
+    if (not p_any or not r_any) and (policy == "exclude" or (policy == "nnunet" and not p_any and not r_any)):
+        return ClassMetrics(math.nan, math.nan, math.nan, math.nan, nan_mm, nan_mm)
+    if p_any != r_any and policy == "nnunet":
+        return ClassMetrics(EMPTY_ONE_OVERLAP, EMPTY_ONE_OVERLAP, math.nan, math.nan, nan_mm, nan_mm)
     if not p_any and not r_any:
         d_mm = EMPTY_BOTH_DISTANCE if spacing is not None else None
         return ClassMetrics(
@@ -120,6 +130,7 @@ def case_metrics(
     class_names: dict[int, str],
     spacing: tuple[float, ...] | None = None,
     distances: bool = True,
+    empty_mask_policy: str = "dust",
 ) -> dict[str, ClassMetrics]:
     """Score one case: ``{class name: ClassMetrics}`` for each label in ``class_names``.
 
@@ -127,7 +138,10 @@ def case_metrics(
     ``class_names`` are scored (leave background out). ``spacing`` (one value per axis, in mm) adds the
     ``*_mm`` distances; the ``*_vox`` distances always use unit spacing so they match the papers' tables.
     ``distances=False`` skips HD95/ASD (NaN): the cheap Dice-only check used during training.
+    ``empty_mask_policy``: what a class that is empty in the prediction or the reference scores (module docstring).
     """
+    if empty_mask_policy not in EMPTY_MASK_POLICIES:
+        raise ValueError(f"empty_mask_policy {empty_mask_policy!r}: choose one of {EMPTY_MASK_POLICIES}")
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction and reference shapes differ: {pred.shape} vs {ref.shape}")
@@ -139,21 +153,30 @@ def case_metrics(
         if any(not s > 0 for s in spacing):
             raise ValueError(f"spacing must be positive, got {tuple(spacing)}")
     return {
-        name: _binary_metrics(pred == label, ref == label, spacing, distances) for label, name in class_names.items()
+        name: _binary_metrics(pred == label, ref == label, spacing, distances, empty_mask_policy)
+        for label, name in class_names.items()
     }
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and std over the values that are not NaN (NaN: left out by the empty-mask policy); NaN if all are."""
     arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)] if not np.isnan(arr).all() else arr
     return {"mean": float(arr.mean()), "std": float(arr.std())}
 
 
-def summarize(per_case: list[dict[str, ClassMetrics]]) -> dict:
+def _nan_mean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nan) if np.isnan(arr).all() else float(np.nanmean(arr))
+
+
+def summarize(per_case: list[dict[str, ClassMetrics]], empty_mask_policy: str = "dust") -> dict:
     """Mean and (population, ddof=0) std of every metric over cases, per class and overall.
 
     ``overall`` is the field's "mean over volumes and classes": each case is first averaged over its
     classes, then mean/std are taken over those per-case means. Dice/Jaccard stay fractions. A mm metric
-    is None unless every case has it (a partial mm mean would silently cover a different case set).
+    is None unless every case has it (a partial mm mean would silently cover a different case set). Values the
+    ``empty_mask_policy`` left out (NaN) are skipped in every mean; the policy is stated in the summary.
     """
     if not per_case:
         raise ValueError("summarize() needs at least one case")
@@ -171,8 +194,9 @@ def summarize(per_case: list[dict[str, ClassMetrics]]) -> dict:
         if any(v is None for vals in case_vals for v in vals) or any(not vals for vals in case_vals):
             overall[m] = None
         else:
-            overall[m] = _mean_std([float(np.mean(vals)) for vals in case_vals])
-    return {"per_class": per_class, "overall": overall, "n_cases": len(per_case)}
+            overall[m] = _mean_std([_nan_mean(vals) for vals in case_vals])
+    return {"per_class": per_class, "overall": overall, "n_cases": len(per_case),
+            "empty_mask_policy": empty_mask_policy}
 
 
 def write_case_csv(
