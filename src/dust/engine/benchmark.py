@@ -85,7 +85,8 @@ _ACDC_COMPARISON = Comparison(
 
 # LA is compared at each method's defaults, as the LA papers evaluate (no BatchNorm recalibration).
 _LA_COMPARISON = Comparison(
-    methods=("supervised", "mean_teacher", "ua_mt", "cps", "dtc", "mc_net", "mcf"),
+    methods=("supervised", "mean_teacher", "ua_mt", "cps", "dtc", "mc_net", "mcf", "self_training", "st_ss", "dust",
+             "fixdyn", "multicure"),
     labeled_patients=(8, 16),
     setting={"iterations": 1000, "split": "val", "precision": "bf16", "resize": "crop", "options": ""},
     note="Each method at its defaults (configs/la/METHOD.yaml: volumes resampled by 0.5, VNet, crops 32x64x64, "
