@@ -35,7 +35,7 @@ What the paper's abstract and figure captions leave unstated (its code is not pu
 - ``confidence_threshold`` 0 (none): voxels whose pseudo-label confidence is below it are left out of L_fix / L_dyn;
 - ``alpha`` 0.5: CE and Dice weighted equally (the paper's Figure 5 varies it);
 - inference uses SN1, the subnet trained on unmixed images like those it is tested on (SN2 is checkpointed too);
-  on LA at 8 labelled SN1 alone scored 7.6 Dice above SN2 (docs/results/la.md, fixdyn).
+  on LA SN1 alone scores above SN2 (docs/results/la.md, "Fixed + dynamic pseudo-labels").
 """
 
 from __future__ import annotations

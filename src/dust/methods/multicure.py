@@ -21,8 +21,8 @@ Unstated in the paper, chosen here:
 - MultiCURE sits after the decoder's second level (``refine_level`` 1: a quarter of the resolution, 64 channels of
   the LA VNet), where one voxel sees a wide context and the deformable offsets can reach across the atrium wall. The
   cost decides it on a CPU: the 27-tap trilinear sampling of the deformable branch (``grid_sample`` and its backward)
-  took 3.2 s per step at half resolution (``refine_level`` 2) and 0.7 s at a quarter (batch 4, one thread, bf16,
-  measured beside one other run); on a GPU ``refine_level: 2`` is affordable. ``contrastive_levels`` are the refined
+  is about 4x dearer one level up (``refine_level`` 2, half resolution), which a GPU affords
+  (docs/results/la_step_speed.json has the branch's share of a step). ``contrastive_levels`` are the refined
   level and the full-resolution one (deep and shallow, each on its own grid with nearest-neighbour masks; their
   losses are averaged).
 - ``temperature`` 0.5; ``reg_weight`` 0.5 (MCF's weight of its XOR term); ``reduction`` r = 4.
