@@ -13,13 +13,18 @@ __all__ = ["dice_loss", "supervised_loss", "uncertainty_rectified_loss", "signed
            "level_set_to_probability", "masked_supervised_loss", "class_prototypes", "prototype_contrastive_loss"]
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice loss averaged over all classes (background included), computed over the whole batch.
 
     This is the Dice term of the paper's Eq. 5 as implemented by SSL4MIS's DiceLoss (softmax, one-hot target).
+    ``mask`` (B, *spatial), if given, keeps only the voxels where it is true (e.g. confident pseudo-labels).
     """
     probs = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    if mask is not None:
+        keep = mask[:, None].to(probs.dtype)
+        probs, onehot = probs * keep, onehot * keep
     dims = (0, *range(2, probs.dim()))  # the batch and every spatial axis: one Dice per class
     intersect = (probs * onehot).sum(dims)
     denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
@@ -84,11 +89,7 @@ def masked_supervised_loss(logits: torch.Tensor, target: torch.Tensor, mask: tor
     if keep.sum() == 0:
         return logits.sum() * 0.0  # keeps the graph (and a gradient of 0) when no voxel is confident
     ce = (F.cross_entropy(logits.float(), target.long(), reduction="none") * keep).sum() / keep.sum()
-    probs = torch.softmax(logits.float(), dim=1) * keep[:, None]
-    onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).float() * keep[:, None]
-    dims = (0, *range(2, probs.dim()))
-    dice = 1 - (2 * (probs * onehot).sum(dims) + smooth) / ((probs * probs).sum(dims) + onehot.sum(dims) + smooth)
-    return ce + dice.mean()
+    return ce + dice_loss(logits, target, smooth, mask)
 
 
 def class_prototypes(features: torch.Tensor, classes: torch.Tensor, reliable: torch.Tensor,

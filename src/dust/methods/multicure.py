@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from dust.config import ConfigError
+from dust.data.transforms import resize_label
 from dust.losses import class_prototypes, dice_loss, masked_supervised_loss, prototype_contrastive_loss
 from dust.methods import register
 from dust.methods.base import Method
@@ -64,13 +65,6 @@ def contrastive_weight(schedule: str, iteration: int, iterations: int, base: flo
 def uncertainty_map(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """The binary uncertainty map (B, 1, *spatial): 1 where the top softmax probability is below ``threshold``."""
     return (probs.max(1, keepdim=True).values < threshold).float()
-
-
-def _resized(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """A (B, *spatial) integer or boolean map on another grid, nearest neighbour."""
-    if tuple(mask.shape[1:]) == tuple(size):
-        return mask
-    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(mask.dtype)
 
 
 @register("multicure")
@@ -122,7 +116,7 @@ class MultiCURENetworks(Method):
             terms = []
             for feats in features:
                 grid = feats.shape[2:]
-                cls, unc = _resized(classes, grid), _resized(uncertain[:, 0] > 0, grid)
+                cls, unc = resize_label(classes, grid), resize_label(uncertain[:, 0], grid) > 0
                 prototypes, present = class_prototypes(feats, cls, ~unc, logits_p.shape[1])
                 pull, separation = prototype_contrastive_loss(feats, cls, unc, prototypes, present,
                                                               float(self.cfg["temperature"]))
