@@ -7,8 +7,9 @@ scores, against the unlabelled volumes' ground truth (which training never reads
   window the run used), per volume, for the reliable and the unreliable half of ``sample_uncertainty.csv``;
 - stage 2's labels, as stored in the newest iteration checkpoint (kept there for resume).
 
-And the Spearman correlation between a volume's Eq. 1 value and its stage-1 label Dice: a ranking that finds the
-well-labelled volumes gives a negative one.
+And the Spearman correlation between a volume's Eq. 1 value and its stage-1 label Dice (a ranking that finds the
+well-labelled volumes gives a negative one), and between Eq. 1 and the atrium's share of the volume (agreeing
+background dilutes Eq. 1 over the whole image, so a small structure scores low).
 
     DUST_DATA=../shared/data python benchmarks/pseudo_label_quality_3d.py runs/la/dust_8p_seed1337 \
         --out docs/results/la_dust_8p_seed1337_pseudo_label_quality.json
@@ -68,7 +69,8 @@ def main() -> None:
         with torch.inference_mode():
             _, _, (logits,) = next(predictor.items(lambda v: (teacher.predict(v),), [x], [0]))
         entry = {"image_id": row["image_id"], "rank": int(row["rank"]), "uncertainty": float(row["uncertainty"]),
-                 "subset": row["subset"], "stage1_dice": dice(logits[0].argmax(0).numpy(), truth)}
+                 "subset": row["subset"], "foreground_share": round(float((truth > 0).mean()), 4),
+                 "stage1_dice": dice(logits[0].argmax(0).numpy(), truth)}
         if stage2 is not None:
             entry["stage2_dice"] = dice(stage2[pool_ids.index(row["image_id"])].numpy(), truth)
         rows.append(entry)
@@ -77,11 +79,15 @@ def main() -> None:
     for subset in ("reliable", "unreliable"):
         picked = [r["stage1_dice"] for r in rows if r["subset"] == subset]
         summary[f"stage1_mean_dice_{subset}"] = round(float(np.mean(picked)), 2) if picked else None
+        shares = [r["foreground_share"] for r in rows if r["subset"] == subset]
+        summary[f"mean_foreground_share_{subset}"] = round(float(np.mean(shares)), 4) if shares else None
     summary["stage1_mean_dice"] = round(float(np.mean([r["stage1_dice"] for r in rows])), 2)
     if stage2 is not None:
         summary["stage2_mean_dice"] = round(float(np.mean([r["stage2_dice"] for r in rows])), 2)
     summary["spearman_uncertainty_vs_stage1_dice"] = round(float(spearmanr(
         [r["uncertainty"] for r in rows], [r["stage1_dice"] for r in rows]).statistic), 3)
+    summary["spearman_uncertainty_vs_foreground_share"] = round(float(spearmanr(
+        [r["uncertainty"] for r in rows], [r["foreground_share"] for r in rows]).statistic), 3)
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps({"summary": summary, "volumes": rows}, indent=1) + "\n")
