@@ -5,7 +5,7 @@ Scores one checkpoint on the validation volumes with four sets of BatchNorm stat
 - ``running_statistics``: as ``dust evaluate`` does (eval mode, the running mean / variance kept in training);
 - ``batch_statistics``: each BatchNorm layer normalises by the batch it is given (inference batches hold up to 32
   slices, so one whole ACDC volume, 8-16 slices);
-- ``recomputed_dropout_on``: running statistics re-estimated (``dust.engine.batchnorm``: a plain average) over
+- ``recomputed_dropout_on``: running statistics re-estimated (``dust.models.batchnorm``: a plain average) over
   ``--batches`` training batches drawn as training draws them (labelled + unlabelled, augmented), with dropout
   active as in training; this should reproduce ``running_statistics`` when those are merely the training-time
   statistics;
@@ -36,9 +36,9 @@ import torch.nn as nn
 from dust.config import resolve_data_dir
 from dust.data import load_training_data
 from dust.data.sampler import TwoStreamSampler
-from dust.engine.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from dust.engine.evaluation import dice_percent, evaluate_volumes
-from dust.engine.workflows import load_trained
+from dust.methods.loading import load_trained
+from dust.models.batchnorm import batchnorm_layers, recalibrate_batchnorm
 
 
 @contextmanager

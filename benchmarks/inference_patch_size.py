@@ -20,7 +20,7 @@ import torch
 from dust.config import resolve_data_dir
 from dust.data.ssl4mis import load_volumes
 from dust.engine.evaluation import dice_percent, evaluate_volumes
-from dust.engine.workflows import load_trained
+from dust.methods.loading import load_trained
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from dust.config import load_config
-from dust.engine.workflows import full_config
 from dust.methods import get_method
+from dust.methods.loading import full_config
 from dust.models.deformable import UncertaintyRefinedNetwork
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,10 +37,10 @@ from dust.config import resolve_data_dir
 from dust.data import load_training_data
 from dust.data.sampler import TwoStreamSampler
 from dust.data.transforms import resize_image
-from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint
 from dust.engine.predict import load_for_inference
 from dust.methods.staged import StagedSelfTraining
+from dust.models.batchnorm import recalibrate_batchnorm
 from dust.uncertainty import sample_uncertainty, split_by_uncertainty
 
 

@@ -30,8 +30,8 @@ from dust.config import resolve_data_dir
 from dust.data.la import read_case, split_ids
 from dust.data.transforms import resampled_shape, resize_image, resize_label
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint
-from dust.engine.inference import Predictor
 from dust.engine.predict import load_for_inference
+from dust.inference import Predictor
 from dust.metrics import case_metrics
 
 

@@ -21,7 +21,7 @@ from dust.config import resolve_data_dir
 from dust.data import load_training_data
 from dust.data.transforms import resize_image
 from dust.engine.checkpoint import load_checkpoint
-from dust.engine.workflows import full_config
+from dust.methods.loading import full_config
 from dust.models import make_model
 
 

@@ -4,7 +4,7 @@ The K snapshots are written in the middle of pre-training, with the running stat
 on). ``batchnorm_recalibration_batches`` recalibrates the network before each validation and so before the
 pseudo-labels, but the snapshots ranked by Eq. 1 are used as saved. This script recomputes Eq. 1 for a finished
 DUST / ST+SS run from its own snapshots, once as saved and once with each snapshot's statistics re-estimated the
-way the engine does it (``dust.engine.batchnorm``, dropout off, over ``--batches`` labelled training batches: what
+way the engine does it (``dust.models.batchnorm``, dropout off, over ``--batches`` labelled training batches: what
 pre-training draws), and compares the two rankings: Spearman correlation, how much of one reliable half is in the
 other, and the share of slices in each reliable half that the last snapshot predicts as background only.
 The run's files are never changed:
@@ -27,10 +27,9 @@ from dust.config import resolve_data_dir
 from dust.data import load_training_data
 from dust.data.sampler import TwoStreamSampler
 from dust.data.transforms import resize_image
-from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import load_checkpoint
-from dust.engine.trainer import build_method
-from dust.engine.workflows import full_config
+from dust.methods.loading import build_method, full_config
+from dust.models.batchnorm import recalibrate_batchnorm
 from dust.uncertainty import sample_uncertainty, split_by_uncertainty
 
 

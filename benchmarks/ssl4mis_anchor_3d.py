@@ -54,9 +54,9 @@ from dust.config import load_config
 from dust.data import load_split
 from dust.data.la import split_ids
 from dust.engine.evaluation import dice_percent, evaluate_volumes
-from dust.engine.inference import Predictor
 from dust.engine.trainer import Trainer
-from dust.engine.workflows import full_config, load_trained
+from dust.inference import Predictor
+from dust.methods.loading import full_config, load_trained
 from dust.models import make_model
 
 REPO = Path(__file__).resolve().parents[1]

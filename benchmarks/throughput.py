@@ -40,8 +40,8 @@ import torch
 from dust.config import resolve_bf16
 from dust.data.phantom import generate_phantom
 from dust.engine.trainer import Trainer
-from dust.engine.workflows import full_config
 from dust.methods import available_methods
+from dust.methods.loading import full_config
 
 TARGETS = "MT <= 0.175 s/iteration, DUST <= 1.3 x MT (2-core CPU)"
 

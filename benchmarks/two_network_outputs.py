@@ -20,8 +20,8 @@ import torch
 
 from dust.config import resolve_data_dir
 from dust.data import load_split
-from dust.engine.inference import Predictor
-from dust.engine.workflows import load_trained
+from dust.inference import Predictor
+from dust.methods.loading import load_trained
 from dust.methods.multicure import uncertainty_map
 from dust.metrics import case_metrics
 from dust.models.deformable import UncertaintyRefinedNetwork

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dust.data.phantom import generate_phantom
-from dust.engine.workflows import full_config
+from dust.methods.loading import full_config
 
 ACDC_DIR = Path(os.environ.get("DUST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ACDC"
 

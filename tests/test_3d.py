@@ -19,12 +19,13 @@ from dust.data import load_split, load_training_data
 from dust.data.la import case_path
 from dust.data.sampler import TwoStreamSampler
 from dust.data.transforms import augment_crop, resampled_shape, resize_image, resize_label
-from dust.engine.inference import Predictor
 from dust.engine.trainer import Trainer
-from dust.engine.workflows import full_config, train
+from dust.inference import Predictor
 from dust.methods import available_methods
+from dust.methods.loading import full_config
 from dust.models import make_model
 from dust.uncertainty import sample_uncertainty
+from dust.workflows import train
 
 REPO = Path(__file__).resolve().parents[1]
 # staged methods need enough iterations for each of their stages (pre-training, stage 1, stage 2)

@@ -15,9 +15,9 @@ from dust.config import format_run_dir, load_config
 from dust.data.strong_augment import IGNORE_INDEX, strong_augment
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint
 from dust.engine.trainer import Trainer
-from dust.engine.workflows import full_config
 from dust.methods.consistency import ema_update, ramp, sigmoid_rampup
 from dust.methods.dct import fgsm, jensen_shannon
+from dust.methods.loading import full_config
 from dust.methods.st_plus_plus import checkpoint_stability
 from dust.methods.urpc import rectified_pyramid_consistency
 from dust.models import DeepSupervisionUNet2D
@@ -169,7 +169,7 @@ def test_st_plus_plus_selects_stable_slices_and_relabels_only_the_rest(tiny_cfg,
         original(stage, tr)
         labels = pool.pseudo_labels
         seen[stage.name] = {
-            "drawn": sorted(tr.sampler.unlabeled_stream.indices.tolist()),
+            "drawn": sorted(trainer.sampler.unlabeled_stream.indices.tolist()),
             "labels": None if labels is None else [y.clone() for y in labels],
             "reinitialised": not _equal(before, _state(method.networks["model"])),
         }

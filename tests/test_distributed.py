@@ -27,13 +27,14 @@ from dust.methods.dust import DUST
 class ProbeDust(DUST):
     def train_step(self, batch, iteration):
         self.drawn = getattr(self, "drawn", []) + [batch["idx_l"].tolist()]
+        self.completed = iteration + 1
         return super().train_step(batch, iteration)
 
     def extra_state(self):
         state = super().extra_state()
-        if self.trainer.iteration == self.trainer.total_iterations:
+        if getattr(self, "completed", 0) == sum(stage.iterations for stage in self.stages()):
             torch.save({"weights": self.networks["model"].state_dict(), "drawn": self.drawn,
-                        "pseudo_labels": self.trainer.data.unlabeled.pseudo_labels, "order": self.order},
+                        "pseudo_labels": self.run.data.unlabeled.pseudo_labels, "order": self.order},
                        os.path.join(os.environ["PROBE_DIR"], f"rank{dist.get_rank()}.pt"))
         return state
 '''
@@ -120,7 +121,7 @@ def test_gradients_are_averaged_and_rank0_state_is_broadcast(tmp_path: Path):
 def test_sync_batchnorm_is_refused_on_cpu(tiny_cfg):
     from dust.config import ConfigError
     from dust.engine.distributed import Ranks, prepare_networks
-    from dust.engine.trainer import build_method
+    from dust.methods.loading import build_method
 
     cfg = tiny_cfg(sync_batchnorm=True)
     method = build_method(cfg, torch.device("cpu"))

@@ -16,11 +16,11 @@ import torch
 from dust.config import ConfigError
 from dust.data.ssl4mis import read_list, split_by_patients
 from dust.data.transforms import resize_image
-from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.trainer import Trainer
 from dust.losses import dice_loss, uncertainty_rectified_loss
 from dust.methods import get_method
+from dust.models.batchnorm import recalibrate_batchnorm
 from dust.report import write_report
 from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
 
@@ -140,9 +140,9 @@ def _spy_stage_starts(trainer: Trainer, monkeypatch) -> dict[str, dict]:
         original(stage, tr)
         labels = tr.data.unlabeled.pseudo_labels
         seen[stage.name] = {
-            "drawn": sorted(tr.sampler.unlabeled_stream.indices.tolist()),
+            "drawn": sorted(trainer.sampler.unlabeled_stream.indices.tolist()),
             "labelled": None if labels is None else [i for i, y in enumerate(labels) if y.numel()],
-            "uses_unlabeled": tr.method.uses_unlabeled,
+            "uses_unlabeled": trainer.method.uses_unlabeled,
         }
 
     monkeypatch.setattr(trainer.method, "on_stage_start", spy)

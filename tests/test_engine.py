@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from dust.config import ConfigError
-from dust.engine.batchnorm import recalibrate_batchnorm
 from dust.engine.checkpoint import CheckpointError, iteration_checkpoints, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer
-from dust.engine.workflows import full_config, train
+from dust.methods.loading import full_config
+from dust.models.batchnorm import recalibrate_batchnorm
+from dust.workflows import train
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -109,12 +110,12 @@ def test_resume_with_every_checkpoint_unreadable_stops_instead_of_starting_again
 def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_identically(tiny_cfg, monkeypatch, capsys):
     import errno
 
-    from dust.engine import checkpoint
+    from dust import storage
 
     cfg = tiny_cfg(iterations=20, val_every=10)
     reference = Trainer({**cfg, "run_dir": cfg["run_dir"] + "_reference"})
     reference.fit()
-    real_fsync, real_mkstemp, writing = checkpoint.os.fsync, checkpoint.tempfile.mkstemp, []
+    real_fsync, real_mkstemp, writing = storage.os.fsync, storage.tempfile.mkstemp, []
 
     def mkstemp(*args, **kwargs):
         writing.append(kwargs.get("prefix", ""))
@@ -125,7 +126,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_identically
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
     monkeypatch.setattr(checkpoint.os, "fsync", fsync_until_the_disk_fills)
     trainer = Trainer(cfg)
     with pytest.raises(checkpoint.DiskFullError, match="no space left on device") as err:
@@ -135,7 +136,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_identically
     assert not list(ckpt.glob(".*.tmp")) and load_latest(ckpt)[0]["iteration"] == 10  # no temp file; 10 intact
     assert "no space left on device" in (Path(cfg["run_dir"]) / "train.log").read_text()
     monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)  # space freed
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", real_mkstemp)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", real_mkstemp)
     trainer.release_run_directory()
     resumed = Trainer(cfg)
     assert resumed.resume() and resumed.iteration == 10

@@ -169,12 +169,14 @@ def test_nnunet_prepare_train_predict_keeps_the_input_grid(tmp_path: Path, capsy
     assert "1 of 2 case(s) could not be predicted" in err and str(bad) in err
     assert (tmp_path / "m" / "case_005.nii.gz").is_file() and not (tmp_path / "m" / "case_006.nii.gz").exists()
 
-    # Killed mid-write: nothing is left under a final name (nor a temp file).
-    def killed_while_writing(img, filename):
-        Path(filename).write_bytes(b"half a file")
+    # Killed mid-write (after the bytes, before they reach the disk): nothing is left under a final name (nor a
+    # temp file).
+    from dust import storage
+
+    def killed_while_writing(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nib, "save", killed_while_writing)
+    monkeypatch.setattr(storage.os, "fsync", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
         main(["predict", "--checkpoint", str(best), "--input", str(single), "--output", str(tmp_path / "k")])
     assert list((tmp_path / "k").iterdir()) == []

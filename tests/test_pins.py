@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dust.engine.trainer import Trainer
-from dust.engine.workflows import full_config
 from dust.methods import available_methods
+from dust.methods.loading import full_config
 
 PINS = Path(__file__).with_name("pins_2d.json")
 METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus_plus", "self_training", "st_ss",

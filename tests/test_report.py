@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from dust.cli.main import main
-from dust.engine.workflows import full_config, train
+from dust.methods.loading import full_config
 from dust.report import write_report
+from dust.workflows import train
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -138,12 +139,12 @@ def test_report_evaluates_a_run_without_metrics_files(runs: dict[str, Path], tmp
 
 
 def test_a_failing_report_keeps_the_run(phantom_root: Path, tmp_path: Path, monkeypatch):
-    import dust.report
+    import dust.workflows
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(dust.report, "write_report", broken)
+    monkeypatch.setattr(dust.workflows, "write_report", broken)
     records = train(_tiny(phantom_root, tmp_path / "run", iterations=10, val_every=5))
     assert {r["checkpoint"] for r in records} == {"last", "best"}
     run = tmp_path / "run"

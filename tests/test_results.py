@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dust.benchmark import Protocol, plan_benchmark, run_benchmark
 from dust.cli.main import main
 from dust.config import load_config, resolve_bf16
-from dust.engine.benchmark import Protocol, plan_benchmark, run_benchmark
 from dust.engine.errors import RunFailedError
-from dust.engine.workflows import full_config
+from dust.methods.loading import full_config
 from dust.results import (
     README_END,
     README_START,

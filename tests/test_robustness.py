@@ -23,7 +23,7 @@ from dust.data.check import check_data
 from dust.data.types import DataError
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer
-from dust.engine.workflows import train
+from dust.workflows import train
 
 
 # ---------------------------------------------------------------------------------------------- check-data
@@ -168,9 +168,13 @@ def _killed_instead(fd):
 
 
 class KillableSupervised(Supervised):
+    def train_step(self, batch, iteration):
+        self.completed = iteration + 1
+        return super().train_step(batch, iteration)
+
     def extra_state(self):
         # the checkpoint being built is serialised, then written; the process dies before its data is synced
-        if os.environ.get("KILL_DURING_CHECKPOINT") == str(self.trainer.iteration):
+        if os.environ.get("KILL_DURING_CHECKPOINT") == str(getattr(self, "completed", 0)):
             os.fsync = _killed_instead
         return {}
 '''

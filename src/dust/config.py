@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from dust.storage import atomic_write_text
+
 # Every key the engine understands, with its default. Methods add their own keys (Method.defaults).
 BASE_DEFAULTS: dict[str, Any] = {
     # what to train
@@ -76,12 +78,13 @@ BASE_DEFAULTS: dict[str, Any] = {
     "log_every": 20,
     "keep_checkpoints": 2,
     # Before each validation (and so before a stage's pseudo-labels are made from that checkpoint), re-estimate
-    # the BatchNorm running statistics over this many training batches with dropout off (dust.engine.batchnorm).
+    # the BatchNorm running statistics over this many training batches with dropout off (dust.models.batchnorm).
     # 0: off, eval mode uses the momentum averages kept in training (SSL4MIS, the paper).
     "batchnorm_recalibration_batches": 0,
     # bf16 autocast: auto | true | false. auto = on where the hardware computes bf16 natively (a CUDA GPU with
     # bf16, a CPU with AVX512-BF16/AMX); on other CPUs (e.g. AVX2 only) PyTorch emulates bf16 and a training step
-    # is 12-18x slower than fp32 (docs/results/step_speed_avx2.json). The resolved value is what the run records.
+    # is much slower than fp32 (docs/results/analysis.md#bf16-on-a-cpu-that-only-emulates-it). The resolved value is
+    # what the run records.
     "bf16": "auto",
     "channels_last": True,  # channels_last memory format (channels_last_3d for a 3D model): faster convolutions on CPU
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
@@ -253,8 +256,5 @@ def format_run_dir(cfg: dict[str, Any]) -> Path:
 
 
 def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
-    # temp file + rename: a run killed while rewriting its config.yaml on resume can still be resumed
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=True))
-    os.replace(tmp, path)
+    # atomic: a run killed while rewriting its config.yaml on resume can still be resumed
+    atomic_write_text(yaml.safe_dump(cfg, sort_keys=True), path)

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from dust.config import BASE_DEFAULTS
-from dust.engine.checkpoint import atomic_write_text
 from dust.methods import get_method
 from dust.models import model_family
+from dust.storage import atomic_write_text
 
 # Pipeline choices that change the numbers are part of a record's identity (and of its table row).
 IDENTITY = (

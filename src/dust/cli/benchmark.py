@@ -9,7 +9,7 @@ from dust.config import ConfigError
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from dust.engine.benchmark import default_threads, get_protocol, plan_benchmark, run_benchmark
+    from dust.benchmark import default_threads, get_protocol, plan_benchmark, run_benchmark
     from dust.engine.trainer import setup_logging
 
     protocol = get_protocol(args.protocol, args.json, args.markdown)

@@ -1,4 +1,4 @@
-"""``dust`` command line: argument parsing only; the work is done by ``dust.engine.workflows``."""
+"""``dust`` command line: argument parsing only; the work is done by ``dust.workflows``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from dust.cli import benchmark, check_data, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.types import DataError
-from dust.engine.checkpoint import CheckpointError, DiskFullError
 from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFailedError
+from dust.storage import CheckpointError, DiskFullError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 USER_ERRORS = (
@@ -33,8 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
         return distributed.launch(args.nproc, args.argv)
-    from dust.engine.workflows import full_config, train
+    from dust.methods.loading import full_config
     from dust.results import update_results
+    from dust.workflows import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -59,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dust.engine.workflows import evaluate_checkpoint
+    from dust.engine.evaluation import evaluate_checkpoint
 
     if args.pred or args.ref:  # folders of NIfTIs, as nnU-Net's evaluate-folder
         from dust.engine.predict import evaluate_folders
@@ -79,7 +80,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dust.engine.workflows import chance_dice, full_config, train
+    from dust.methods.loading import full_config
+    from dust.workflows import chance_dice, train
 
     cfg = load_config(args.config, [f"run_dir={args.out}", *args.set])
     cfg = full_config(cfg)
@@ -103,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from dust.engine.benchmark import get_protocol
+    from dust.benchmark import get_protocol
     from dust.results import identity_of, replace_readme_table, update_results
 
     protocol = get_protocol(args.protocol, args.json, args.markdown, args.title)

@@ -26,8 +26,8 @@ import numpy as np
 
 from dust.config import resolve_data_dir
 from dust.data.la import case_path
-from dust.data.ssl4mis import patient_of, patients_in_order
-from dust.data.types import DataError
+from dust.data.ssl4mis import patients_in_order
+from dust.data.types import DataError, patient_of, read_list
 
 
 def check_data(cfg: dict[str, Any]) -> list[str]:
@@ -139,13 +139,12 @@ def raise_if_problems(problems: list[str]) -> None:
 
 
 def _read_list(path: Path, problems: list[str]) -> list[str]:
-    if not path.is_file():
-        problems.append(f"{path}: list file not found")
+    """:func:`read_list`, with its problem added to ``problems`` (and no names) instead of raised."""
+    try:
+        return read_list(path)
+    except DataError as err:
+        problems.append(str(err))
         return []
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        problems.append(f"{path}: list file is empty")
-    return names
 
 
 def _check_file(

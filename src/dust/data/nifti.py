@@ -14,8 +14,8 @@ training config; ``dust predict`` applies the same to new cases.
 
 from __future__ import annotations
 
+import gzip
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from dust.data.types import DataError
+from dust.storage import atomic_write
 
 log = logging.getLogger("dust")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -277,13 +278,9 @@ def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> Non
         img = grid.image_class(data, grid.affine, grid.header.copy())
         img.header["cal_min"] = img.header["cal_max"] = 0  # the input's display window means nothing here
     img.set_data_dtype(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp file in the same folder, then a rename: a kill mid-write never leaves a truncated file under the final
-    # name (the temp name keeps the ending, which tells nibabel the format)
-    tmp = path.with_name(f".{os.getpid()}.tmp.{path.name}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # serialised in memory, then written atomically: a kill mid-write never leaves a truncated file under the
+    # final name, and a full disk is one line naming it
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6)
+    atomic_write(path, "wb", lambda f: f.write(data))

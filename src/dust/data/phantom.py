@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy import ndimage
+
+from dust.data.types import write_h5
 
 __all__ = ["generate_phantom", "phantom_volume"]
 
@@ -140,12 +141,6 @@ def phantom_volume(rng: np.random.Generator, n_slices: int, shape: tuple[int, in
     return img.astype(np.float32), label
 
 
-def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image)
-        f.create_dataset("label", data=label, compression="gzip", compression_opts=4)
-
-
 def _params(**kw: object) -> dict:
     """JSON-normalised generation arguments (tuples -> lists) so they compare equal after a round trip."""
     return json.loads(json.dumps({"format_version": _FORMAT_VERSION, **kw}))
@@ -212,10 +207,10 @@ def generate_phantom(root: str | Path, n_train_patients: int = 12, n_val_patient
             lists[split].append(case)
             if split == "train":
                 for k in range(n_sl):
-                    _write_h5(data / f"{case}_slice_{k}.h5", img[k], lab[k])
+                    write_h5(data / f"{case}_slice_{k}.h5", img[k], lab[k])
                     lists["train_slices"].append(f"{case}_slice_{k}")
             else:
-                _write_h5(data / f"{case}.h5", img, lab)
+                write_h5(data / f"{case}.h5", img, lab)
     for name, items in lists.items():
         (root / f"{name}.list").write_text("".join(f"{c}\n" for c in items))
     meta.write_text(json.dumps({"complete": True, **params}, indent=2) + "\n")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy import ndimage
 
 from dust.data.la import case_path
+from dust.data.types import write_h5
 
 _FORMAT_VERSION = 1
 
@@ -64,9 +64,7 @@ def generate_la_phantom(root: Path | str, seed: int = 0, n_cases: int = 12,
         image, label = phantom_case(rng, tuple(shape))
         path = case_path(root, case_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(path, "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=label, compression="gzip")
+        write_h5(path, image, label)
     (root / "train.list").write_text("\n".join(ids) + "\n")
     stamp.write_text(json.dumps({**args, "complete": True}))
     return root

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -57,7 +56,7 @@ from dust.data.nifti import (
     to_stored,
     visible_files,
 )
-from dust.data.types import DataError, patient_of
+from dust.data.types import DataError, patient_of, write_h5
 
 log = logging.getLogger("dust")
 
@@ -324,14 +323,6 @@ def read_splits(path: Path, cases: list[SourceCase]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _write_h5(path: Path, image: np.ndarray, label: np.ndarray | None, attrs: dict[str, Any]) -> None:
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image, compression="gzip")
-        if label is not None:
-            f.create_dataset("label", data=label, compression="gzip")
-        f.attrs.update(attrs)
-
-
 def _write_case(
     case: SourceCase, split: str, data_dir: Path, source: Source, modalities: list[int] | None,
     intensity_norm: str, slice_axis: int,
@@ -360,13 +351,13 @@ def _write_case(
     attrs = {"case_id": case.case_id, "affine": reference.affine, "slice_axis": slice_axis}
     n_slices = image.shape[-3]
     if split in ("val", "test"):
-        _write_h5(data_dir / f"{case.case_id}.h5", image, label,
+        write_h5(data_dir / f"{case.case_id}.h5", image, label,
                   {**attrs, "spacing": [spacing[a] for a in axes]})
         names = [case.case_id]
     else:
         names = [f"{case.case_id}_slice_{s + 1}" for s in range(n_slices)]
         for s, name in enumerate(names):
-            _write_h5(data_dir / f"{name}.h5", image[..., s, :, :], None if label is None else label[s],
+            write_h5(data_dir / f"{name}.h5", image[..., s, :, :], None if label is None else label[s],
                       {**attrs, "slice_index": s, "spacing": [spacing[a] for a in axes[1:]]})
     return {
         "patient": case.patient, "split": split, "images": [str(p) for p in case.images],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -78,6 +79,17 @@ def read_list(path: Path) -> list[str]:
     if not names:
         raise DataError(f"{path}: list file is empty")
     return names
+
+
+def write_h5(path: Path, image: np.ndarray, label: np.ndarray | None = None,
+             attrs: dict[str, Any] | None = None) -> None:
+    """One case (or slice) in dust's h5 layout: ``image``, optionally ``label``, both gzip-compressed, and
+    ``attrs`` (what ``dust prepare`` records: spacing, affine, ...)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image, compression="gzip")
+        if label is not None:
+            f.create_dataset("label", data=label, compression="gzip")
+        f.attrs.update(attrs or {})
 
 
 def read_h5_arrays(path: Path, want_label: bool) -> tuple[np.ndarray, np.ndarray | None]:

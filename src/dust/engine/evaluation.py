@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dust.config import resolve_data_dir
+from dust.data import load_split, write_phantom
 from dust.data.types import Volume
-from dust.engine.inference import Predictor
+from dust.inference import Predictor
+from dust.methods.loading import full_config, load_trained, pick_device
 from dust.metrics import case_metrics, summarize, write_case_csv
 
 
@@ -33,8 +36,7 @@ def evaluate_volumes(
     for vol in volumes:
         if vol.label is None:
             raise ValueError(f"volume {vol.case_id} has no label to evaluate against")
-        probs = predictor.case(lambda x: (method.predict(x),), vol.image)[0]  # on the label's own grid
-        pred = probs.argmax(0).numpy().astype(np.uint8)
+        pred = predictor.segment(method, vol.image).label.numpy().astype(np.uint8)  # on the label's own grid
         per_case.append(case_metrics(pred, vol.label, class_names, vol.spacing, distances=distances,
                                      empty_mask_policy=cfg["empty_mask_policy"]))
     return per_case, summarize(per_case, cfg["empty_mask_policy"])
@@ -53,3 +55,22 @@ def write_evaluation(out_dir: Path, tag: str, volumes: list[Volume], per_case: l
     out_dir.mkdir(parents=True, exist_ok=True)
     write_case_csv(out_dir / f"metrics_{tag}.csv", [v.case_id for v in volumes], per_case)
     (out_dir / f"metrics_{tag}.json").write_text(json.dumps(summary, indent=2))
+
+
+def evaluate_checkpoint(
+    path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None,
+    empty_mask_policy: str | None = None,
+) -> dict:
+    """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
+    defaults to the checkpoint's file name) next to the checkpoint. ``empty_mask_policy`` overrides the run's."""
+    method, cfg = load_trained(path)
+    if empty_mask_policy is not None:
+        cfg = full_config({**cfg, "empty_mask_policy": empty_mask_policy})
+    root = resolve_data_dir(data_dir or cfg["data_dir"])
+    if data_dir is None and cfg["generate_phantom"]:
+        write_phantom(cfg, root)  # makes sure the phantom exists
+    volumes = load_split(cfg, root, split)
+    per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
+    out_dir = out_dir or path.parent.parent
+    write_evaluation(out_dir, f"{split}_{tag or path.stem}", volumes, per_case, summary)
+    return summary

@@ -2,7 +2,7 @@
 
 A case is read the way ``dust prepare`` read the training data (the checkpoint's config records
 ``modalities``, ``intensity_norm`` and ``slice_axis``), predicted by the engine's one inference path
-(:class:`dust.engine.inference.Predictor`: slice by slice for a 2D model, a sliding window for a 3D one), and
+(:class:`dust.inference.Predictor`: slice by slice for a 2D model, a sliding window for a 3D one), and
 written back on the input's own voxel grid with its affine
 and header (:mod:`dust.data.nifti`), so a viewer overlays it on the input without resampling.
 """
@@ -33,13 +33,12 @@ from dust.data.nifti import (
 )
 from dust.data.prepare import RECORDED_KEYS
 from dust.data.types import DataError
-from dust.engine.checkpoint import CheckpointError, load_checkpoint
-from dust.engine.inference import Predictor
-from dust.engine.trainer import build_method, pick_device
-from dust.engine.workflows import full_config, load_trained
+from dust.inference import Predictor
 from dust.methods import Method
+from dust.methods.loading import build_method, full_config, load_trained, pick_device
 from dust.metrics import case_metrics, summarize, write_case_csv
-from dust.uncertainty import sample_uncertainty, uncertainty_map
+from dust.storage import CheckpointError, load_checkpoint
+from dust.uncertainty import sample_uncertainty
 
 log = logging.getLogger("dust")
 
@@ -87,8 +86,6 @@ def predict_cases(
     method, cfg = load_for_inference(checkpoint)
     predictor = Predictor.from_config(cfg, pick_device(cfg["device"]))
     cases = find_input_cases(input_path)
-    # labels stay method.predict's (what evaluation scores); the uncertainty needs the method's extra heads
-    heads = method.inference_heads if uncertainty else (lambda x: (method.predict(x),))
     written, failed = [], []
     for case in _progress(cases, "predict", progress):
         try:  # a bad case is reported at the end; the others are still predicted
@@ -96,12 +93,12 @@ def predict_cases(
         except DataError as err:
             failed.append(str(err))
             continue
-        probs = predictor.case(heads, image)
+        segmentation = predictor.segment(method, image, uncertainty)
         path = out_dir / f"{case.case_id}{case.ending}"
-        write_stored(grid, probs[0].argmax(0).numpy().astype(np.uint8), np.uint8, path)
+        write_stored(grid, segmentation.label.numpy().astype(np.uint8), np.uint8, path)
         written.append(path)
-        if uncertainty:
-            write_stored(grid, uncertainty_map(probs).numpy(), np.float32,
+        if segmentation.uncertainty is not None:
+            write_stored(grid, segmentation.uncertainty.numpy(), np.float32,
                          out_dir / "uncertainty" / f"{case.case_id}{case.ending}")
     if failed:
         raise DataError(f"{len(failed)} of {len(cases)} case(s) could not be predicted (the other {len(written)} "

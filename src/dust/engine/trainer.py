@@ -28,18 +28,14 @@ from dust.config import dump_config, format_run_dir, resolve_data_dir
 from dust.data import TrainingData, load_training_data
 from dust.data.sampler import TwoStreamSampler
 from dust.engine import distributed
-from dust.engine.batchnorm import recalibrate_batchnorm
-from dust.engine.checkpoint import (
-    atomic_save,
-    check_compatible,
-    load_latest,
-    load_network_weights,
-    save_iteration_checkpoint,
-)
+from dust.engine.checkpoint import load_latest, save_iteration_checkpoint
 from dust.engine.errors import NonFiniteLossError
 from dust.engine.run_lock import lock_run_directory
-from dust.methods import Method, Stage, get_method
-from dust.models.layers import memory_format, to_channels_last
+from dust.methods import RunContext, Stage
+from dust.methods.loading import build_method, pick_device
+from dust.models.batchnorm import recalibrate_batchnorm
+from dust.models.layers import to_channels_last
+from dust.storage import atomic_save, check_compatible, load_network_weights
 
 log = logging.getLogger("dust")
 
@@ -58,26 +54,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
-    """Instantiate the configured method and put its networks on ``device`` in the configured layout."""
-    method = get_method(cfg["method"])(cfg)
-    method.build()
-    if not method.networks:
-        raise ValueError(f"method {cfg['method']!r} built no networks in build()")
-    layout = memory_format(len(cfg["patch_size"]) + 2)  # channels_last (2D) or channels_last_3d (3D)
-    for name, net in method.networks.items():
-        net.to(device)
-        if cfg["channels_last"]:
-            method.networks[name] = net.to(memory_format=layout)
-    return method
 
 
 def _stage_spans(stages: list[Stage]) -> list[StageSpan]:
@@ -157,13 +133,17 @@ class Trainer:
                 distributed.barrier()
         self.data = data
         self.method = build_method(cfg, self.device)
-        self.method.trainer = self
         distributed.prepare_networks(self.method, cfg, self.ranks, self.device)
         if self.ranks.enabled:
             torch.manual_seed(int(cfg["seed"]) + self.ranks.rank)  # different dropout masks per rank
         self.sampler = TwoStreamSampler.from_config(self.data.labeled, self.data.unlabeled, cfg,
                                                     int(cfg["seed"]) + self.ranks.rank,
                                                     self.method.unlabeled_crop_margin())
+        self.method.run = RunContext(
+            data=self.data, run_dir=self.run_dir, checkpoint_dir=self.ckpt_dir, device=self.device,
+            is_main=self.is_main, to_device=self.to_device, autocast=self.autocast,
+            use_unlabeled=self.sampler.set_unlabeled_indices, recalibration_batches=self.recalibration_batches,
+            log_scalars=self.scalars)
         self.optimizer = self._make_optimizer()
         self.spans = _stage_spans(self.method.stages())
         self.total_iterations = self.spans[-1].end
@@ -292,7 +272,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter  # imported late: costs ~1 s
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        method.on_train_start(self)
+        method.on_train_start(method.run)
         log.info(
             "method %s | %d labelled / %d unlabelled items | %d val volumes | %d iterations | device %s",
             cfg["method"], len(self.data.labeled), len(self.data.unlabeled), len(self.data.val),
@@ -311,7 +291,7 @@ class Trainer:
                 if span.stage.restart_schedule:
                     self.optimizer = self._make_optimizer()
                 if self.is_main:  # several ranks: rank 0 alone (pseudo-labels, files), the others receive it
-                    method.on_stage_start(span.stage, self)
+                    method.on_stage_start(span.stage, method.run)
                 if self.ranks.enabled:
                     distributed.share_stage_start(method, self.sampler, self.ranks)
                 self.started_stage = span.index

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-from dust.methods.base import Method, Stage
+from dust.methods.base import Method, RunContext, Stage
 
-__all__ = ["Method", "Stage", "register", "get_method", "available_methods"]
+__all__ = ["Method", "RunContext", "Stage", "register", "get_method", "available_methods"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 

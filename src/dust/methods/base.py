@@ -1,19 +1,23 @@
 """What a method is: the networks it owns, its training step, and optional hooks the engine calls.
 
 The engine (``dust.engine.Trainer``) owns everything else: data streams, optimiser, LR schedule, autocast,
-checkpoints, logging, validation. A method never writes a training loop.
+checkpoints, logging, validation. A method never writes a training loop, and never sees the trainer: what it may
+use of its run is the :class:`RunContext` the engine hands it (so ``dust.methods`` does not depend on
+``dust.engine``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from dust.engine.trainer import Trainer
+from dust.data import TrainingData
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,31 @@ class Stage:
     restart_schedule: bool = False
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a method may use of the run it trains in (``method.run``, and the argument of the run hooks).
+
+    ``data``: the run's item sets (``data.unlabeled.images`` / ``.ids`` / ``.pseudo_labels``, on the CPU).
+    ``run_dir`` / ``checkpoint_dir``: where a method writes its own files, on the main process only
+    (``is_main``; under torchrun the other ranks hold the same weights). ``to_device(x)`` puts a batch on the
+    device in the configured layout; ``autocast()`` is the run's mixed-precision context.
+    ``use_unlabeled(indices)`` restricts the sampler's unlabelled stream to those pool items (e.g. DUST's
+    reliable half). ``recalibration_batches()``: fresh training batches for BatchNorm recalibration, drawn from a
+    sampler of their own, so training draws stay as they were. ``log_scalars(values, step)``: TensorBoard.
+    """
+
+    data: TrainingData
+    run_dir: Path
+    checkpoint_dir: Path
+    device: torch.device
+    is_main: bool
+    to_device: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable[[], AbstractContextManager]
+    use_unlabeled: Callable[[Sequence[int] | torch.Tensor], None]
+    recalibration_batches: Callable[[], list[torch.Tensor]]
+    log_scalars: Callable[[dict[str, float], int | None], None]
+
+
 class Method:
     """Base class. Subclasses set ``name`` (via ``@register``), ``defaults`` and implement ``build`` +
     ``train_step``; the other hooks are optional."""
@@ -40,7 +69,7 @@ class Method:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.networks: dict[str, nn.Module] = {}  # everything here is moved, checkpointed and restored
-        self.trainer: Trainer | None = None
+        self.run: RunContext | None = None  # set by the engine when training
 
     # --- required -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -64,10 +93,10 @@ class Method:
     def stages(self) -> list[Stage]:
         return [Stage("train", int(self.cfg["iterations"]))]
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, run: RunContext) -> None:
         """Called once before the first step (also on resume)."""
 
-    def on_stage_start(self, stage: Stage, trainer: Trainer) -> None:
+    def on_stage_start(self, stage: Stage, run: RunContext) -> None:
         """Called when a stage begins (not again when a run resumes inside it)."""
 
     def after_step(self, iteration: int) -> None:

@@ -21,24 +21,20 @@ not in capacity): ``self_training`` (no sorting: both stages use the whole pool;
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dust.config import ConfigError
+from dust.inference import Heads
 from dust.losses import dice_loss, supervised_loss, uncertainty_rectified_loss
 from dust.methods import register
-from dust.methods.base import Stage
+from dust.methods.base import RunContext, Stage
 from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
-from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty, split_by_uncertainty
+from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty
 from dust.uncertainty.report import save_uncertainty_figure, write_sample_uncertainty_csv
 from dust.uncertainty.sample import SAMPLE_UNCERTAINTY_REGIONS
-
-if TYPE_CHECKING:
-    from dust.engine.trainer import Trainer
 
 log = logging.getLogger("dust")
 
@@ -74,8 +70,9 @@ _SAMPLE_SORTING = {
     # Where Eq. 1 averages the snapshots' disagreement. "image" (default) is the paper: all pixels. "foreground":
     # the pixels some snapshot labels foreground; a slice no snapshot labels foreground ranks last. Over the whole
     # image the agreeing background dilutes the score, so slices with small structures rank easiest; on ACDC at 7
-    # patients that inverts the ranking (the easiest quarter's labels score 37.7 slice Dice, the hardest 67.0),
-    # while the foreground mean ranks them 79.4 -> 34.7 (benchmarks/pseudo_label_quality.py). A departure.
+    # patients that inverts the ranking, while the foreground mean puts it right (benchmarks/pseudo_label_quality.py;
+    # docs/results/analysis.md#the-sample-uncertainty-ranking-is-upside-down-on-acdc-a-foreground-mean-puts-it-right).
+    # A departure.
     "sample_uncertainty_region": "image",
 }
 _FIGURE_EXAMPLES = 4
@@ -117,10 +114,10 @@ class DUST(StagedSelfTraining):
             unsup, dkl = F.cross_entropy(main_u.float(), y_u.long()), None
         if self.cfg["pseudo_label_dice"]:
             unsup = unsup + dice_loss(main_u, y_u)
-        if (iteration + 1) % self.cfg["log_every"] == 0 and self.trainer is not None:
+        if (iteration + 1) % self.cfg["log_every"] == 0 and self.run is not None:
             if dkl is None:  # the ablations log the same diagnostic, it is just not in their loss
                 dkl = decoder_kl(main_u.detach(), aux_u.detach())
-            self.trainer.scalars({
+            self.run.log_scalars({
                 "uncertainty/dkl_mean": float(dkl.mean()),
                 "uncertainty/low_weight_share": float((torch.exp(-dkl) < 0.5).float().mean()),
             }, step=iteration + 1)
@@ -143,91 +140,82 @@ class DUST(StagedSelfTraining):
         return torch.log((torch.softmax(main.float(), 1) + torch.softmax(aux.float(), 1)) / 2)
 
     # ------------------------------------------------------------------ stage boundaries
-    def on_stage_start(self, stage: Stage, trainer: Trainer) -> None:
+    def on_stage_start(self, stage: Stage, run: RunContext) -> None:
         if stage.name == "pretrain":
             return
-        everything = torch.arange(len(trainer.data.unlabeled))
+        everything = torch.arange(len(run.data.unlabeled))
         if stage.name == "stage1" and self.sample_sorting:
-            self._sort_pool(trainer)
+            self._sort_pool(run)
             indices = self.reliable
         else:  # stage 2, or no sorting: the whole pool (easy to hard when sorted, for the figure)
             indices = self.order if self.order is not None else everything
-        self._pseudo_label(indices, stage.name, trainer)
+        self._pseudo_label(indices, stage.name, run)
         if self.cfg["skip_empty_pseudo_labels"]:
-            labels = trainer.data.unlabeled.pseudo_labels
+            labels = run.data.unlabeled.pseudo_labels
             kept = indices[torch.tensor([bool(labels[i].any()) for i in indices.tolist()], dtype=torch.bool)]
             log.info("%s: %d of %d pseudo-labels are background only and are left out (skip_empty_pseudo_labels)",
                      stage.name, len(indices) - len(kept), len(indices))
             if len(kept) == 0:
                 raise ValueError(f"{stage.name}: every pseudo-label is background only; nothing left to train on")
             indices = kept
-        trainer.sampler.set_unlabeled_indices(indices)
+        run.use_unlabeled(indices)
         self.uses_unlabeled = True
 
-    def _forward(
-        self, nets: list[nn.Module], indices: list[int], trainer: Trainer, aux: bool = True
-    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
-        """(pool indices, what the model saw, [(main, aux or None) float32 logits per net]) per batch of slices
-        (2D) or per volume (3D, sliding window), all nets in one pass over the pool."""
-        for net in nets:
-            net.eval()  # the engine puts them back in train mode before the next step
-        per_net = 2 if aux else 1
+    def _heads(self, nets: list[nn.Module], aux: bool = True) -> Heads:
+        """Each net's (main, aux) logits, or its main logits alone, all nets in one pass over the pool."""
+        return lambda x: tuple(z for net in nets for z in (net(x) if aux else (net.forward_main(x),)))
 
-        def heads(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(z for net in nets for z in (net(x) if aux else (net.forward_main(x),)))
-
-        for idx, x, outs in self.pool_outputs(heads, indices, trainer):
-            yield idx, x, [(outs[k * per_net], outs[k * per_net + 1] if aux else None) for k in range(len(nets))]
-
-    def _sort_pool(self, trainer: Trainer) -> None:
+    def _sort_pool(self, run: RunContext) -> None:
         """Eq. 1 from the K pre-training snapshots, then the ascending sort and the reliable split."""
-        snapshots = self.load_snapshots()
-        pool = trainer.data.unlabeled
-        values = [
-            sample_uncertainty([torch.softmax(self._output(main, aux), 1) for main, aux in outs],
-                               region=self.cfg["sample_uncertainty_region"])
-            for _, _, outs in self._forward(
-                snapshots, list(range(len(pool))), trainer, aux=self.cfg["output_decoder"] != "main"
-            )
-        ]
-        self.uncertainty = torch.cat(values).cpu()
-        self.order, self.reliable, unreliable = split_by_uncertainty(self.uncertainty, self.cfg["reliable_fraction"])
-        csv_path = trainer.run_dir / "sample_uncertainty.csv"
+        snapshots, pool = self.load_snapshots(), run.data.unlabeled
+        aux = self.cfg["output_decoder"] != "main"
+
+        def eq1(outs: list[torch.Tensor]) -> torch.Tensor:  # outs: per snapshot, its (main, aux) or main alone
+            if aux:
+                outputs = [self._output(outs[k], outs[k + 1]) for k in range(0, len(outs), 2)]
+            else:
+                outputs = [self._output(z, None) for z in outs]
+            probabilities = [torch.softmax(z, 1) for z in outputs]
+            return sample_uncertainty(probabilities, region=self.cfg["sample_uncertainty_region"])
+
+        self.rank_pool(snapshots, self._heads(snapshots, aux), eq1, run)
+        csv_path = run.run_dir / "sample_uncertainty.csv"
         write_sample_uncertainty_csv(csv_path, pool.ids, pool.patients, self.uncertainty, self.order, self.reliable)
         u = self.uncertainty[self.order]
         log.info(
             "sample uncertainty (Eq. 1, K=%d): %d unlabelled items, range %.3g..%.3g; reliable %d (<= %.3g), "
             "unreliable %d; ranked list: %s", len(snapshots), len(pool), u[0], u[-1], len(self.reliable),
-            u[len(self.reliable) - 1], len(unreliable), csv_path,
+            u[len(self.reliable) - 1], len(pool) - len(self.reliable), csv_path,
         )
 
-    def _pseudo_label(self, indices: torch.Tensor, stage: str, trainer: Trainer) -> None:
+    def _pseudo_label(self, indices: torch.Tensor, stage: str, run: RunContext) -> None:
         """Argmax of the output (``output_decoder``) on the model's grid, resized (nearest) to each item's; a figure
         (for volumes: the slice of each example with the most pseudo-labelled foreground)."""
-        pool, net = trainer.data.unlabeled, self.networks["model"]
-        labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)  # items outside this stage stay empty
+        pool, net = run.data.unlabeled, self.networks["model"]
         picks = indices[torch.linspace(0, len(indices) - 1, min(_FIGURE_EXAMPLES, len(indices))).long()].tolist()
         panels: dict[str, list] = {"titles": [], "images": [], "labels": [], "kl_maps": [], "entropy_maps": []}
-        for idx, x, [(main, aux)] in self._forward([net], indices.tolist(), trainer):
-            patch_labels = self._output(main, aux).argmax(1).cpu()
+
+        def add_examples(idx: list[int], x: torch.Tensor, outs: list[torch.Tensor], labels: torch.Tensor) -> None:
+            main, aux = outs
             for j, i in enumerate(idx):
-                labels[i] = self.label_on_item_grid(patch_labels[j], pool.images[i])
-                if i in picks:
-                    u = "" if self.uncertainty is None else f"\nsample uncertainty {float(self.uncertainty[i]):.3g}"
-                    kl = decoder_kl(main[j : j + 1], aux[j : j + 1])[0].cpu()
-                    entropy = predictive_entropy(main[j : j + 1])[0].cpu()
-                    image, label = x[j].float().cpu(), patch_labels[j]
-                    if label.dim() == 3:  # a volume: show one slice of it
-                        s = int((label > 0).flatten(1).sum(1).argmax())
-                        image, label, kl, entropy, u = image[:, s], label[s], kl[s], entropy[s], f"{u}\nslice {s}"
-                    panels["titles"].append(f"{pool.ids[i]}{u}")
-                    panels["images"].append(image)
-                    panels["labels"].append(label)
-                    panels["kl_maps"].append(kl)
-                    panels["entropy_maps"].append(entropy)
-        pool.pseudo_labels = labels
+                if i not in picks:
+                    continue
+                u = "" if self.uncertainty is None else f"\nsample uncertainty {float(self.uncertainty[i]):.3g}"
+                kl = decoder_kl(main[j : j + 1], aux[j : j + 1])[0].cpu()
+                entropy = predictive_entropy(main[j : j + 1])[0].cpu()
+                image, label = x[j].float().cpu(), labels[j]
+                if label.dim() == 3:  # a volume: show one slice of it
+                    s = int((label > 0).flatten(1).sum(1).argmax())
+                    image, label, kl, entropy, u = image[:, s], label[s], kl[s], entropy[s], f"{u}\nslice {s}"
+                panels["titles"].append(f"{pool.ids[i]}{u}")
+                panels["images"].append(image)
+                panels["labels"].append(label)
+                panels["kl_maps"].append(kl)
+                panels["entropy_maps"].append(entropy)
+
+        self.pseudo_label(net, self._heads([net]), lambda outs: self._output(*outs), indices, run, add_examples)
         save_uncertainty_figure(
-            trainer.run_dir / "figures" / f"{stage}_pseudo_labels.png", **panels, num_classes=self.cfg["num_classes"]
+            run.run_dir / "figures" / f"{stage}_pseudo_labels.png", **panels, num_classes=self.cfg["num_classes"]
         )
         log.info("%s: pseudo-labels for %d of %d unlabelled items", stage, len(indices), len(pool))
 

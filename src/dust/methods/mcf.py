@@ -73,8 +73,8 @@ class MutualCorrection(Method):
         student = weaker_subnet(sups)
         pseudo = sharpen(torch.softmax(outs[1 - student][n:].detach(), 1), self.cfg["temperature"])
         correction = (torch.softmax(outs[student][n:], 1) - pseudo).pow(2).mean()
-        if self.trainer is not None and (iteration + 1) % self.cfg["log_every"] == 0:
-            self.trainer.scalars({"mcf/teacher_is_model2": float(student == 0)}, step=iteration + 1)
+        if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
+            self.run.log_scalars({"mcf/teacher_is_model2": float(student == 0)}, step=iteration + 1)
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
         return {"sup": sups[0] + sups[1], "cdr": self.cfg["cdr_weight"] * (cdr[0] + cdr[1]),
                 "cons": weight * correction}

@@ -123,8 +123,8 @@ class MultiCURENetworks(Method):
                 terms.append(pull + separation)
             weight = contrastive_weight(self.cfg["contrastive_schedule"], iteration, int(self.cfg["iterations"]))
             losses["contrast"] = weight * torch.stack(terms).mean()
-        if self.trainer is not None and (iteration + 1) % self.cfg["log_every"] == 0:
-            self.trainer.scalars({"multicure/uncertain_share": float(uncertain.mean())}, step=iteration + 1)
+        if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
+            self.run.log_scalars({"multicure/uncertain_share": float(uncertain.mean())}, step=iteration + 1)
         return losses
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

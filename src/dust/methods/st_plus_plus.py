@@ -24,7 +24,6 @@ pseudo-labels use a single forward, not ST++'s multi-scale + flip test-time augm
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -33,12 +32,8 @@ import torch.nn.functional as F
 from dust.data.strong_augment import IGNORE_INDEX, strong_augment
 from dust.losses import supervised_loss
 from dust.methods import register
-from dust.methods.base import Stage
+from dust.methods.base import RunContext, Stage
 from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
-from dust.uncertainty import split_by_uncertainty
-
-if TYPE_CHECKING:
-    from dust.engine.trainer import Trainer
 
 log = logging.getLogger("dust")
 
@@ -72,47 +67,38 @@ class STPlusPlus(StagedSelfTraining):
         if not self.uses_unlabeled:
             return {"sup": supervised_loss(net(batch["x_l"]), batch["y_l"])}
         x_u, y_u = strong_augment(batch["x_u"], batch["y_u"])
-        logits = net(torch.cat([batch["x_l"], self.trainer.to_device(x_u)]))
+        logits = net(torch.cat([batch["x_l"], self.run.to_device(x_u)]))
         unsup = F.cross_entropy(logits[n:].float(), y_u, ignore_index=IGNORE_INDEX)
         return {"sup": supervised_loss(logits[:n], batch["y_l"]), "unsup": unsup}
 
-    def on_stage_start(self, stage: Stage, trainer: Trainer) -> None:
+    def on_stage_start(self, stage: Stage, run: RunContext) -> None:
         if stage.name == "pretrain":
             return
         if stage.name == "stage1":
-            self._rank_pool(trainer)
-            self._pseudo_label(self.reliable, trainer)  # by the teacher
-            trainer.sampler.set_unlabeled_indices(self.reliable)
+            self._rank_pool(run)
+            self._pseudo_label(self.reliable, run)  # by the teacher
+            run.use_unlabeled(self.reliable)
         else:
-            self._pseudo_label(self.order[len(self.reliable) :], trainer)  # by the stage-1 student
-            trainer.sampler.set_unlabeled_indices(self.order)
+            self._pseudo_label(self.order[len(self.reliable) :], run)  # by the stage-1 student
+            run.use_unlabeled(self.order)
         if self.cfg["reinitialize_student"]:
             reinitialize(self.networks["model"])
         self.uses_unlabeled = True
 
-    def _rank_pool(self, trainer: Trainer) -> None:
-        snapshots, pool = self.load_snapshots(), trainer.data.unlabeled
-        for net in snapshots:
-            net.eval()
-        stability = []
-        heads = lambda x: tuple(net(x) for net in snapshots)  # noqa: E731
-        for _, _, outs in self.pool_outputs(heads, list(range(len(pool))), trainer):
+    def _rank_pool(self, run: RunContext) -> None:
+        snapshots, pool = self.load_snapshots(), run.data.unlabeled
+
+        def instability(outs: list[torch.Tensor]) -> torch.Tensor:  # ascending instability = descending stability
             predictions = torch.stack([z.argmax(1) for z in outs])
-            stability.append(checkpoint_stability(predictions, int(self.cfg["num_classes"])).cpu())
-        self.uncertainty = 1 - torch.cat(stability)  # ascending uncertainty = descending stability
-        self.order, self.reliable, _ = split_by_uncertainty(self.uncertainty, self.cfg["reliable_fraction"])
+            return 1 - checkpoint_stability(predictions, int(self.cfg["num_classes"]))
+
+        self.rank_pool(snapshots, lambda x: tuple(net(x) for net in snapshots), instability, run)
         log.info("checkpoint stability (mean IoU with the final snapshot, K=%d): %d unlabelled slices, reliable %d "
                  "(IoU >= %.3g)", len(snapshots), len(pool), len(self.reliable),
                  1 - self.uncertainty[self.reliable[-1]])
 
-    def _pseudo_label(self, indices: torch.Tensor, trainer: Trainer) -> None:
+    def _pseudo_label(self, indices: torch.Tensor, run: RunContext) -> None:
         """Argmax of the current network for ``indices``; the other slices keep the labels they have."""
-        pool, net = trainer.data.unlabeled, self.networks["model"]
-        if pool.pseudo_labels is None:
-            pool.pseudo_labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)
-        net.eval()  # the engine puts it back in train mode before the next step
-        for idx, _, [logits] in self.pool_outputs(lambda x: (net(x),), indices.tolist(), trainer):
-            labels = logits.argmax(1).cpu()
-            for j, i in enumerate(idx):
-                pool.pseudo_labels[i] = self.label_on_item_grid(labels[j], pool.images[i])
+        net = self.networks["model"]
+        self.pseudo_label(net, lambda x: (net(x),), lambda outs: outs[0], indices, run)
         log.info("%d unlabelled items pseudo-labelled", len(indices))

@@ -12,34 +12,31 @@ needs. The network, the ranking score, which items get (re)labelled and the loss
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from dust.config import ConfigError
 from dust.data.transforms import resize_label
-from dust.engine.batchnorm import recalibrate_batchnorm
-from dust.engine.checkpoint import atomic_save, load_checkpoint
-from dust.engine.inference import Heads, Predictor
-from dust.methods.base import Method, Stage
+from dust.inference import Heads, Predictor
+from dust.methods.base import Method, RunContext, Stage
 from dust.models import make_model
-
-if TYPE_CHECKING:
-    from dust.engine.trainer import Trainer
+from dust.models.batchnorm import recalibrate_batchnorm
+from dust.storage import atomic_save, load_checkpoint
+from dust.uncertainty import split_by_uncertainty
 
 SCHEDULE_DEFAULTS = {"pretrain_fraction": 0.4, "stage1_fraction": 0.3, "restart_lr_per_stage": True}
 SORTING_DEFAULTS = {
     "checkpoint_points": [1 / 3, 2 / 3, 1.0],
     "reliable_fraction": 0.5,
-    # Re-estimate each snapshot's BatchNorm statistics (dust.engine.batchnorm, dropout off, over
+    # Re-estimate each snapshot's BatchNorm statistics (dust.models.batchnorm, dropout off, over
     # batchnorm_recalibration_batches labelled batches, what pre-training draws) before it ranks the pool. A
-    # snapshot is saved mid-training with the statistics of training, which dropout shifts: on ACDC at 7 patients
-    # that makes the last snapshot call 16% of the pool background only instead of 5.5%, and the ranking it gives
-    # correlates 0.42 (Spearman) with the recalibrated one (benchmarks/sample_uncertainty_statistics.py). Not in
-    # the papers; needs batchnorm_recalibration_batches > 0.
+    # snapshot is saved mid-training with the statistics of training, which dropout shifts, and that changes
+    # which images it calls background-only and the ranking it gives (docs/results/analysis.md, "Table 3 with
+    # recalibration"). Not in the papers; needs batchnorm_recalibration_batches > 0.
     "snapshot_batchnorm_recalibration": False,
 }
 
@@ -84,17 +81,17 @@ class StagedSelfTraining(Method):
         return its
 
     def _snapshot_path(self, k: int) -> Path:
-        return self.trainer.ckpt_dir / f"pretrain_k{k}.pt"
+        return self.run.checkpoint_dir / f"pretrain_k{k}.pt"
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        if len(trainer.data.unlabeled) == 0:
+    def on_train_start(self, run: RunContext) -> None:
+        if len(run.data.unlabeled) == 0:
             raise ValueError(f"method {self.cfg['method']!r} needs unlabelled slices but the pool is empty")
 
     def after_step(self, iteration: int) -> None:
         # Snapshots are files (network state only): stage 1 reads them back, also when the run was resumed.
         if iteration + 1 in self.snapshot_at:
             k = self.snapshot_at.index(iteration + 1) + 1
-            if self.trainer.is_main:  # ranks hold the same weights, and rank 0 alone runs the stage starts
+            if self.run.is_main:  # ranks hold the same weights, and rank 0 alone runs the stage starts
                 atomic_save(self.networks["model"].state_dict(), self._snapshot_path(k))
 
     # ------------------------------------------------------------------ helpers for the stage starts
@@ -107,18 +104,49 @@ class StagedSelfTraining(Method):
             net.load_state_dict(load_checkpoint(self._snapshot_path(k)))
             snapshots.append(net)
         if self.cfg.get("snapshot_batchnorm_recalibration"):
-            batches = self.trainer.recalibration_batches()  # its own sampler: training's draws are untouched
+            batches = self.run.recalibration_batches()  # its own sampler: training's draws are untouched
             for net in snapshots:
-                recalibrate_batchnorm({"model": net}, net, batches, self.trainer.autocast())
+                recalibrate_batchnorm({"model": net}, net, batches, self.run.autocast())
         return snapshots
 
     def pool_outputs(
-        self, heads: Heads, indices: list[int], trainer: Trainer
+        self, nets: list[nn.Module], heads: Heads, indices: list[int], run: RunContext
     ) -> Iterator[tuple[list[int], torch.Tensor, list[torch.Tensor]]]:
         """(pool indices, what the model saw, per head float32 logits on the model's grid) over the unlabelled
-        items ``indices``, through the engine's inference path (:meth:`Predictor.items`), under autocast."""
-        predictor = Predictor.from_config(self.cfg, trainer.device)
-        yield from predictor.items(heads, trainer.data.unlabeled.images, indices)
+        items ``indices``, through the engine's inference path (:meth:`Predictor.items`), under autocast, with
+        ``nets`` (what ``heads`` runs) in eval mode (the engine puts them back in train mode before the next step)."""
+        for net in nets:
+            net.eval()
+        predictor = Predictor.from_config(self.cfg, run.device)
+        yield from predictor.items(heads, run.data.unlabeled.images, indices)
+
+    def rank_pool(self, nets: list[nn.Module], heads: Heads,
+                  score: Callable[[list[torch.Tensor]], torch.Tensor], run: RunContext) -> None:
+        """``score(head logits)`` (one value per item, low = reliable) over the whole pool -> ``self.uncertainty``,
+        the ascending ``self.order`` and its first ``reliable_fraction``, ``self.reliable``."""
+        pool = list(range(len(run.data.unlabeled)))
+        self.uncertainty = torch.cat([score(outs).cpu() for _, _, outs in self.pool_outputs(nets, heads, pool, run)])
+        self.order, self.reliable, _ = split_by_uncertainty(self.uncertainty, self.cfg["reliable_fraction"])
+
+    def pseudo_label(
+        self, net: nn.Module, heads: Heads, logits: Callable[[list[torch.Tensor]], torch.Tensor],
+        indices: torch.Tensor, run: RunContext,
+        each_batch: Callable[[list[int], torch.Tensor, list[torch.Tensor], torch.Tensor], None] | None = None,
+    ) -> None:
+        """The argmax of ``logits(head logits)`` as the pseudo-label of each item in ``indices``, on its own grid;
+        the other items keep theirs (empty before the first labelling). ``each_batch(idx, x, outs, labels)``
+        sees every batch (e.g. to draw examples)."""
+        pool = run.data.unlabeled
+        if pool.pseudo_labels is None:
+            pool.pseudo_labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)
+        labels = list(pool.pseudo_labels)
+        for idx, x, outs in self.pool_outputs([net], heads, indices.tolist(), run):
+            patch_labels = logits(outs).argmax(1).cpu()
+            for j, i in enumerate(idx):
+                labels[i] = self.label_on_item_grid(patch_labels[j], pool.images[i])
+            if each_batch is not None:
+                each_batch(idx, x, outs, patch_labels)
+        pool.pseudo_labels = labels
 
     @staticmethod
     def label_on_item_grid(label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -131,11 +159,11 @@ class StagedSelfTraining(Method):
         # The sampler's own state already holds the restricted unlabelled indices.
         return {
             "uses_unlabeled": self.uses_unlabeled,
-            "pseudo_labels": self.trainer.data.unlabeled.pseudo_labels,
+            "pseudo_labels": self.run.data.unlabeled.pseudo_labels,
             "uncertainty": self.uncertainty, "order": self.order, "reliable": self.reliable,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.uses_unlabeled = bool(state["uses_unlabeled"])
-        self.trainer.data.unlabeled.pseudo_labels = state["pseudo_labels"]
+        self.run.data.unlabeled.pseudo_labels = state["pseudo_labels"]
         self.uncertainty, self.order, self.reliable = state["uncertainty"], state["order"], state["reliable"]

@@ -47,7 +47,7 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         certain = (uncertainty < threshold).unsqueeze(1).float()
         sq = (torch.softmax(logits[n:].float(), 1) - torch.softmax(teacher_u.float(), 1)).pow(2)
         cons = (certain * sq).sum() / (num_classes * certain.sum() + 1e-16)
-        if self.trainer is not None and (iteration + 1) % self.cfg["log_every"] == 0:
-            self.trainer.scalars({"uncertainty/certain_share": float(certain.mean())}, step=iteration + 1)
+        if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
+            self.run.log_scalars({"uncertainty/certain_share": float(certain.mean())}, step=iteration + 1)
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
         return {"sup": supervised_loss(logits[:n], batch["y_l"]), "cons": weight * cons}

@@ -51,6 +51,3 @@ class URPC(Method):
         sup = torch.stack([supervised_loss(z[:n], batch["y_l"]) for z in heads]).mean()
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
         return {"sup": sup, "cons": weight * rectified_pyramid_consistency([z[n:] for z in heads])}
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.networks["model"].forward_main(x)

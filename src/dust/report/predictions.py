@@ -1,7 +1,7 @@
 """Predictions and pixel uncertainty on a few slices of a validation volume, for the report's overlays.
 
-The trained method is loaded with :func:`dust.engine.workflows.load_trained` and predicted by the engine's one
-inference path (:class:`dust.engine.inference.Predictor`, as evaluation: a 2D model on the shown slices only, a 3D
+The trained method is loaded with :func:`dust.workflows.load_trained` and predicted by the engine's one
+inference path (:class:`dust.inference.Predictor`, as evaluation: a 2D model on the shown slices only, a 3D
 model on the whole volume, of which the slices are shown). Uncertainty comes from the method's
 ``inference_heads``: the decoders' KL divergence (DUST Eq. 2) for paired decoders, the predictive entropy otherwise.
 """
@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from dust.data.types import Volume
-from dust.engine.inference import Predictor
-from dust.engine.trainer import pick_device
-from dust.engine.workflows import load_trained
-from dust.uncertainty import uncertainty_map, uncertainty_name
+from dust.inference import Predictor
+from dust.methods.loading import load_trained, pick_device
 
 
 @dataclass
@@ -62,11 +60,11 @@ class SlicePredictor:
         # a 2D model predicts each slice on its own; a 3D one needs the whole volume
         three_d = self.predictor.spatial_dims == 3
         image = volume.image if three_d else volume.image[:, slices]
-        probs = self.predictor.case(self.method.inference_heads, image)  # heads' (K, S, H, W) probabilities
+        segmentation = self.predictor.segment(self.method, image, uncertainty=True)
+        prediction, uncertainty = segmentation.label, segmentation.uncertainty
         if three_d:
-            probs = [p[:, slices] for p in probs]
-        uncertainty, name = uncertainty_map(probs), uncertainty_name(len(probs))
-        prediction = probs[0].argmax(0).numpy()
+            prediction, uncertainty = prediction[slices], uncertainty[slices]
+        prediction, name = prediction.numpy(), segmentation.uncertainty_name
         return [
             SlicePrediction(volume.case_id, s, volume.image[0, s], volume.label[s], prediction[j],
                             uncertainty[j].numpy(), name)

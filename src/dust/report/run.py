@@ -3,7 +3,7 @@
 Everything is read from files the engine writes (``config.yaml``, ``checkpoints/``,
 ``metrics_<split>_<tag>.{csv,json}``, ``sample_uncertainty.csv``); a run that lacks its metrics files
 (interrupted, or older than them) is evaluated from its checkpoints with
-:func:`dust.engine.workflows.evaluate_checkpoint`, which writes the missing files.
+:func:`dust.workflows.evaluate_checkpoint`, which writes the missing files.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Any
 import yaml
 
 from dust.config import ConfigError
-from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint
-from dust.engine.workflows import evaluate_checkpoint, full_config
+from dust.engine.checkpoint import iteration_checkpoints
+from dust.engine.evaluation import evaluate_checkpoint
 from dust.methods import get_method
+from dust.methods.loading import full_config
 from dust.metrics import METRIC_NAMES
+from dust.storage import load_checkpoint
 
 log = logging.getLogger("dust")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from dust.config import ConfigError, format_run_dir, load_config
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.errors import RunFailedError
-from dust.engine.workflows import full_config, train
+from dust.methods.loading import full_config
 from dust.results import (
     Comparison,
     identity_of,
@@ -43,6 +43,7 @@ from dust.results import (
     results_markdown,
     update_results,
 )
+from dust.workflows import train
 
 log = logging.getLogger("dust")
 

@@ -27,10 +27,20 @@ from monai.inferers import sliding_window_inference
 
 from dust.data.transforms import resampled_shape, resize_image
 from dust.models.layers import to_channels_last
+from dust.uncertainty import uncertainty_map, uncertainty_name
 
 Heads = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 SLICES_PER_FORWARD = 32  # 2D models: slices of a case per forward
 POOL_ITEMS_PER_FORWARD = 64  # 2D models: unlabelled items per forward when a method labels or ranks its pool
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One case's label map (*spatial, int64) and, when asked for, its pixel uncertainty (*spatial, float32)."""
+
+    label: torch.Tensor
+    uncertainty: torch.Tensor | None = None
+    uncertainty_name: str | None = None  # what ``uncertainty`` is: "decoder KL (Eq. 2)" or "predictive entropy"
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,16 @@ class Predictor:
             grid = resampled_shape(size, self.resample_factor)
             probs = self._sliding_window(heads, resize_image(x, grid, self.interpolation).to(self.device))
         return [resize_image(p, size).cpu() for p in probs]
+
+    def segment(self, method: Any, image: np.ndarray | torch.Tensor, uncertainty: bool = False) -> Segmentation:
+        """A trained method's label map of one case, the argmax of ``method.predict`` (what evaluation scores),
+        and with ``uncertainty`` its pixel uncertainty: the decoders' KL when the method's ``inference_heads``
+        include two decoders, else the prediction's entropy."""
+        heads = method.inference_heads if uncertainty else (lambda x: (method.predict(x),))
+        probs = self.case(heads, image)
+        if not uncertainty:
+            return Segmentation(probs[0].argmax(0))
+        return Segmentation(probs[0].argmax(0), uncertainty_map(probs), uncertainty_name(len(probs)))
 
     # ------------------------------------------------------------------ training items (the unlabelled pool)
     @torch.inference_mode()

@@ -1,4 +1,8 @@
-"""What the CLI commands do, as plain functions (so tests and notebooks call them without a shell)."""
+"""What ``dust train`` does, as plain functions (so tests and notebooks call them without a shell): check the
+data, train, evaluate the last and best checkpoints, record, write the run's report.
+
+It sits above the engine and the report (it uses both); everything below it never imports it.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from dust.config import format_run_dir, resolve_config, resolve_data_dir
-from dust.data import load_split, write_phantom
+from dust.config import format_run_dir, resolve_data_dir
+from dust.data import load_split
 from dust.data.check import check_data, raise_if_problems
 from dust.engine import distributed
-from dust.engine.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    check_compatible,
-    load_checkpoint,
-    load_network_weights,
-)
-from dust.engine.evaluation import evaluate_volumes, write_evaluation
-from dust.engine.trainer import Trainer, build_method, close_run_log, pick_device
-from dust.methods import get_method
+from dust.engine.evaluation import write_evaluation
+from dust.engine.trainer import Trainer, close_run_log
+from dust.methods.loading import pick_device
 from dust.metrics import case_metrics, summarize
+from dust.report import write_report
 from dust.results import make_record, pin_precision, precision_of
+from dust.storage import atomic_write_text, load_checkpoint, load_network_weights
 
 log = logging.getLogger("dust")
-
-
-def full_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """User config + the engine's and the chosen method's defaults."""
-    return resolve_config(cfg, get_method(cfg.get("method", "supervised")).defaults)
 
 
 def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[dict]:
@@ -121,44 +115,10 @@ def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list
 def write_run_report(run_dir: Path) -> None:
     """``run_dir/report.html``; a failure is a warning: the run's checkpoints and metrics are already written."""
     try:
-        from dust.report import write_report  # imported late: matplotlib costs ~0.5 s
-
         log.info("report: %s", write_report([run_dir], run_dir / "report.html"))
     except Exception as err:  # whatever went wrong, the results written above must survive it
         log.warning("no report written for %s (%s: %s); retry with `dust report %s`",
                     run_dir, type(err).__name__, err, run_dir)
-
-
-def load_trained(path: Path, device: torch.device | None = None) -> tuple[Any, dict[str, Any]]:
-    """A method with its weights from a checkpoint, and the checkpoint's config."""
-    state = load_checkpoint(path)
-    if "config" not in state:
-        raise CheckpointError(f"{path}: checkpoint holds no config; was it written by dust?")
-    cfg = full_config(state["config"])
-    check_compatible(state, path, cfg["method"], cfg["num_classes"])
-    device = device or pick_device(cfg["device"])
-    method = build_method(cfg, device)
-    load_network_weights(method.networks, state, path)
-    return method, cfg
-
-
-def evaluate_checkpoint(
-    path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None,
-    empty_mask_policy: str | None = None,
-) -> dict:
-    """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
-    defaults to the checkpoint's file name) next to the checkpoint. ``empty_mask_policy`` overrides the run's."""
-    method, cfg = load_trained(path)
-    if empty_mask_policy is not None:
-        cfg = full_config({**cfg, "empty_mask_policy": empty_mask_policy})
-    root = resolve_data_dir(data_dir or cfg["data_dir"])
-    if data_dir is None and cfg["generate_phantom"]:
-        write_phantom(cfg, root)  # makes sure the phantom exists
-    volumes = load_split(cfg, root, split)
-    per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
-    out_dir = out_dir or path.parent.parent
-    write_evaluation(out_dir, f"{split}_{tag or path.stem}", volumes, per_case, summary)
-    return summary
 
 
 def chance_dice(cfg: dict[str, Any]) -> dict:
