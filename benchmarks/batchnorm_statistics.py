@@ -18,7 +18,8 @@ Scores one checkpoint on the validation volumes with four sets of BatchNorm stat
 resizing and patch size:
 
     DUST_DATA=../shared/data python benchmarks/batchnorm_statistics.py \\
-        runs/acdc/urpc_7p_seed1337/checkpoints/iter_0004000.pt --out docs/results/urpc_7p_seed1337_batchnorm.json
+        runs/acdc/urpc_7p_seed1337/checkpoints/iter_0004000.pt \\
+        --out docs/results/diagnostics/urpc_7p_seed1337_batchnorm.json
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ median of ``--steps`` steps after ``--warmup``. Then the MultiCURE module and it
 backward on the feature map they see in a step, and ``multicure`` with ``multicure_module: false``: the module's
 share of a step is the difference. Run with nothing else running:
 
-    python benchmarks/la_step_speed.py --out docs/results/la_step_speed.json
+    python benchmarks/la_step_speed.py --out docs/results/speed/la_step_speed.json
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--out", default="docs/results/la_step_speed.json")
+    parser.add_argument("--out", default="docs/results/speed/la_step_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Seconds per U-Net training step on this machine: fp32 vs bf16 autocast, channels-first vs channels_last.
 
 The CPU budget protocol's step (128x128, batch 8, U-Net 16-256, (Dice + CE) / 2, SGD). Writes
-docs/results/step_speed.json with the machine's core count. Run on an otherwise idle machine:
+docs/results/speed/step_speed.json with the machine's core count. Run on an otherwise idle machine:
 
     python benchmarks/step_speed.py --threads 2 --steps 30
 """
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default="docs/results/step_speed.json")
+    parser.add_argument("--out", default="docs/results/speed/step_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

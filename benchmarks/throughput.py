@@ -11,7 +11,7 @@ otherwise idle machine:
 
     python benchmarks/throughput.py --iterations 30 --warmup 5
 
-writes docs/results/throughput.json with the machine's core count and the torch version. Methods that are not
+writes docs/results/speed/throughput.json with the machine's core count and the torch version. Methods that are not
 registered are skipped with a note. ``--profile DIR`` also writes a cProfile of each method's timed iterations.
 
 ``--processes N`` runs N copies side by side (each with ``--threads``; they time the methods in the same order,
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast only where the CPU computes bf16 natively (as dust train)")
     parser.add_argument("--processes", type=int, default=1, help="copies timed side by side")
-    parser.add_argument("--out", default="docs/results/throughput.json")
+    parser.add_argument("--out", default="docs/results/speed/throughput.json")
     parser.add_argument("--profile", metavar="DIR", help="write <DIR>/<method>.prof (cProfile of the timed part)")
     args = parser.parse_args()
 

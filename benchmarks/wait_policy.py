@@ -12,7 +12,7 @@ browser tab is to a laptop) for the duration of the variant. Variants:
 - ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once);
 - ``active``: ``OMP_WAIT_POLICY=ACTIVE`` (spin without a limit).
 
-    python benchmarks/wait_policy.py --out docs/results/wait_policy.json
+    python benchmarks/wait_policy.py --out docs/results/speed/wait_policy.json
 
 Writes the JSON and a Markdown table beside it (``.md``). Run it with nothing else running: the "idle" rows need
 idle cores.
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32")
-    parser.add_argument("--out", default="docs/results/wait_policy.json")
+    parser.add_argument("--out", default="docs/results/speed/wait_policy.json")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     variants = [(cores, policy) for policy in POLICIES] + [(1, "passive")]

@@ -127,15 +127,15 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_identically
         return real_fsync(fd)
 
     monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync_until_the_disk_fills)
+    monkeypatch.setattr(storage.os, "fsync", fsync_until_the_disk_fills)
     trainer = Trainer(cfg)
-    with pytest.raises(checkpoint.DiskFullError, match="no space left on device") as err:
+    with pytest.raises(storage.DiskFullError, match="no space left on device") as err:
         trainer.fit()
     assert "\n" not in str(err.value) and str(Path(cfg["run_dir"])) in str(err.value)
     ckpt = Path(cfg["run_dir"]) / "checkpoints"
     assert not list(ckpt.glob(".*.tmp")) and load_latest(ckpt)[0]["iteration"] == 10  # no temp file; 10 intact
     assert "no space left on device" in (Path(cfg["run_dir"]) / "train.log").read_text()
-    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)  # space freed
+    monkeypatch.setattr(storage.os, "fsync", real_fsync)  # space freed
     monkeypatch.setattr(storage.tempfile, "mkstemp", real_mkstemp)
     trainer.release_run_directory()
     resumed = Trainer(cfg)

@@ -359,7 +359,7 @@ def test_a_second_process_on_a_busy_run_directory_is_refused_and_the_first_files
                                                     ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE unset"),
                                                     ({"GOMP_SPINCOUNT": "1000"}, "unset 1000")])
 def test_openmp_spins_briefly_unless_the_user_chose_a_policy(user_env: dict, expected: str):
-    """Long-spinning OpenMP threads crawl when another process holds a core (docs/results/wait_policy.md)."""
+    """Long-spinning OpenMP threads crawl when another process holds a core (docs/results/speed/wait_policy.md)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | user_env
     code = ("import dust, os; print(os.environ.get('OMP_WAIT_POLICY', 'unset'), "
             "os.environ.get('GOMP_SPINCOUNT', 'unset'))")

@@ -22,7 +22,7 @@ Unstated in the paper, chosen here:
   the LA VNet), where one voxel sees a wide context and the deformable offsets can reach across the atrium wall. The
   cost decides it on a CPU: the 27-tap trilinear sampling of the deformable branch (``grid_sample`` and its backward)
   is about 4x dearer one level up (``refine_level`` 2, half resolution), which a GPU affords
-  (docs/results/la_step_speed.json has the branch's share of a step). ``contrastive_levels`` are the refined
+  (docs/results/speed/la_step_speed.json has the branch's share of a step). ``contrastive_levels`` are the refined
   level and the full-resolution one (deep and shallow, each on its own grid with nearest-neighbour masks; their
   losses are averaged).
 - ``temperature`` 0.5; ``reg_weight`` 0.5 (MCF's weight of its XOR term); ``reduction`` r = 4.

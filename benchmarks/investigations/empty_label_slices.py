@@ -1,9 +1,10 @@
 """How many ACDC training slices have a background-only ground truth (a dataset fact, not a training input).
 
-Set beside what a teacher predicts (benchmarks/reliable_split_background.py): if the teacher calls far more
-slices empty than the ground truth has, its empty pseudo-labels are mostly wrong.
+Set beside what a teacher predicts (benchmarks/investigations/reliable_split_background.py): if the teacher
+calls far more slices empty than the ground truth has, its empty pseudo-labels are mostly wrong.
 
-    DUST_DATA=../shared/data python benchmarks/empty_label_slices.py [--out docs/results/acdc_empty_label_slices.json]
+    DUST_DATA=../shared/data python benchmarks/investigations/empty_label_slices.py \\
+        [--out docs/results/diagnostics/acdc_empty_label_slices.json]
 """
 
 from __future__ import annotations

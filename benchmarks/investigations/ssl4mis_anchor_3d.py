@@ -4,8 +4,9 @@ dust does not ship SSL4MIS's code. Given an SSL4MIS checkout (HiLab-git/SSL4MIS)
 dependencies (torch, tensorboardX, medpy, SimpleITK, scikit-image, h5py), this script copies SSL4MIS's ``code/``
 folder into a temporary directory, applies the edits below (printed into the JSON), and times it beside dust:
 
-    python benchmarks/ssl4mis_anchor_3d.py --ssl4mis /path/to/SSL4MIS --ssl4mis-python /path/to/venv/bin/python \\
-        --run runs/la/supervised_8p_seed1337 --out docs/results/throughput_la.json
+    python benchmarks/investigations/ssl4mis_anchor_3d.py --ssl4mis /path/to/SSL4MIS \\
+        --ssl4mis-python /path/to/venv/bin/python \\
+        --run runs/la/supervised_8p_seed1337 --out docs/results/speed/throughput_la.json
 
 1. **Training**: SSL4MIS's ``train_mean_teacher_3D.py`` (VNet, batch 4 = 2 labelled + 2 unlabelled, crops of
    64x64x32 voxels of the full-resolution volumes, its own data loader with 4 workers) against dust's
@@ -59,7 +60,7 @@ from dust.inference import Predictor
 from dust.methods.loading import full_config, load_trained
 from dust.models import make_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SSL4MIS_STRIDE, SSL4MIS_PATCH = (18, 4), (112, 112, 80)  # (xy, z) and (X, Y, Z), test_single_case's arguments
 TRAIN_EDITS = [  # (what SSL4MIS's train_mean_teacher_3D.py says, what the CPU run says instead)
     ("parser.add_argument('--patch_size', type=list,", "parser.add_argument('--patch_size', type=int, nargs=3,"),
@@ -246,7 +247,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished LA CPU-protocol run (for the Dice)")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=REPO / "docs/results/throughput_la.json")
+    parser.add_argument("--out", type=Path, default=REPO / "docs/results/speed/throughput_la.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = full_config(load_config(REPO / "configs/la/mean_teacher.yaml", [
@@ -269,7 +270,8 @@ def main() -> None:
         print(f"  {inference}; Dice of the two window schedules ...", flush=True)
     dice = dice_of_window_schedules(args.run, args.data)
     result = {
-        "command": f"python benchmarks/ssl4mis_anchor_3d.py --ssl4mis SSL4MIS --ssl4mis-python PYTHON --run {args.run} "
+        "command": f"python benchmarks/investigations/ssl4mis_anchor_3d.py --ssl4mis SSL4MIS --ssl4mis-python PYTHON "
+                   f"--run {args.run} "
                    f"--iterations {args.iterations} --warmup {args.warmup} --out {args.out}",
         "train_speedup": round(ssl4mis_train["seconds_per_iteration"] / dust_train["seconds_per_iteration"], 3),
         "inference_speedup_same_stride": round(inference["ssl4mis_seconds"] / inference["dust_same_stride_seconds"], 3),

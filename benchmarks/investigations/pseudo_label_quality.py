@@ -16,8 +16,8 @@ last snapshot with its BatchNorm statistics re-estimated over N labelled trainin
 run's teacher labels, and every ranking is scored twice, from the snapshots as saved (what the run ranked with)
 and from the snapshots recalibrated the same way (``snapshot_batchnorm_recalibration``).
 
-    DUST_DATA=../shared/data python benchmarks/pseudo_label_quality.py runs/acdc/dust_7p_seed1337_fixes \
-        [--out docs/results/dust_7p_seed1337_fixes_pseudo_label_quality.json]
+    DUST_DATA=../shared/data python benchmarks/investigations/pseudo_label_quality.py runs/acdc/dust_7p_seed1337_fixes \
+        [--out docs/results/diagnostics/dust_7p_seed1337_fixes_pseudo_label_quality.json]
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ SSL4MIS's ``BaseDataSets`` reads it (training slices under ``data/slices/``; sym
 and it reads the ``log.txt`` files the SSL4MIS script writes into one JSON (validation Dice every 200 iterations,
 last and best), so its numbers sit beside dust's.
 
-    python benchmarks/ssl4mis_anchor.py layout --data ../shared/data/ACDC --out /tmp/ssl4mis/data/ACDC
+    python benchmarks/investigations/ssl4mis_anchor.py layout --data ../shared/data/ACDC --out /tmp/ssl4mis/data/ACDC
     # in an SSL4MIS checkout's code/ folder, with the edits below, for each seed:
     python train_fully_supervised_2D.py --root_path /tmp/ssl4mis/data/ACDC --exp ACDC/anchor --labeled_num 7 \\
         --max_iterations 4000 --batch_size 8 --patch 128 --val_patch 128 --seed 1337 --threads 1
-    python benchmarks/ssl4mis_anchor.py summarize LOG.txt [LOG.txt ...] --out docs/results/ssl4mis_anchor.json
+    python benchmarks/investigations/ssl4mis_anchor.py summarize LOG.txt [LOG.txt ...] \\
+        --out docs/results/diagnostics/ssl4mis_anchor.json
 
 The SSL4MIS files used (HiLab-git/SSL4MIS): ``code/train_fully_supervised_2D.py`` and ``code/val_2D.py`` as of
 commit f5b9b38c, ``code/dataloaders/dataset.py`` as of 34d78f41 (``BaseDataSets``, ``RandomGenerator``),

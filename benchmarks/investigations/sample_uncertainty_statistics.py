@@ -9,8 +9,9 @@ pre-training draws), and compares the two rankings: Spearman correlation, how mu
 other, and the share of slices in each reliable half that the last snapshot predicts as background only.
 The run's files are never changed:
 
-    DUST_DATA=../shared/data python benchmarks/sample_uncertainty_statistics.py runs/acdc/dust_7p_seed1337_bnrecal \\
-        --out docs/results/dust_7p_seed1337_bnrecal_sample_uncertainty.json
+    DUST_DATA=../shared/data python benchmarks/investigations/sample_uncertainty_statistics.py \\
+        runs/acdc/dust_7p_seed1337_bnrecal \\
+        --out docs/results/diagnostics/dust_7p_seed1337_bnrecal_sample_uncertainty.json
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def main() -> None:
     stored_u = torch.tensor([stored[i] for i in pool.ids], dtype=torch.float64)
     reliable = {v: set(split_by_uncertainty(u[v], cfg["reliable_fraction"])[1].tolist()) for v in versions}
     result = {
-        "command": f"python benchmarks/sample_uncertainty_statistics.py {args.run_dir}"
+        "command": f"python benchmarks/investigations/sample_uncertainty_statistics.py {args.run_dir}"
                    + (f" --out {args.out}" if args.out else ""),
         "run_dir": str(args.run_dir), "snapshots": [p.name for p in paths], "pool_slices": len(pool),
         "recalibration_batches": args.batches,

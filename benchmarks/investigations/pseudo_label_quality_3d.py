@@ -11,8 +11,8 @@ And the Spearman correlation between a volume's Eq. 1 value and its stage-1 labe
 well-labelled volumes gives a negative one), and between Eq. 1 and the atrium's share of the volume (agreeing
 background dilutes Eq. 1 over the whole image, so a small structure scores low).
 
-    DUST_DATA=../shared/data python benchmarks/pseudo_label_quality_3d.py runs/la/dust_8p_seed1337 \
-        --out docs/results/la_dust_8p_seed1337_pseudo_label_quality.json
+    DUST_DATA=../shared/data python benchmarks/investigations/pseudo_label_quality_3d.py runs/la/dust_8p_seed1337 \
+        --out docs/results/diagnostics/la_dust_8p_seed1337_pseudo_label_quality.json
 """
 
 from __future__ import annotations

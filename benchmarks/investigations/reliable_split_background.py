@@ -4,7 +4,7 @@ Eq. 1 averages the snapshot disagreement over all pixels, so a slice on which ev
 background scores near zero and lands in the "reliable" half. This measures that share for a finished (or
 stage-1) DUST run from its own files: the last pre-training snapshot and sample_uncertainty.csv.
 
-    python benchmarks/reliable_split_background.py runs/acdc/dust_7p_seed1337 [--out docs/results/x.json]
+    python benchmarks/investigations/reliable_split_background.py runs/acdc/dust_7p_seed1337 [--out docs/results/x.json]
 """
 
 from __future__ import annotations

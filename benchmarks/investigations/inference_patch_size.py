@@ -4,9 +4,9 @@ SSL4MIS's training scripts validate with ``test_single_volume(...)`` without a p
 256x256, whatever size the model was trained at. This scores a dust checkpoint both at its training size and at
 other sizes (the run's own image resizing, Dice only), to tell which of the two an external number can come from:
 
-    DUST_DATA=../shared/data python benchmarks/inference_patch_size.py \\
+    DUST_DATA=../shared/data python benchmarks/investigations/inference_patch_size.py \\
         runs/acdc/supervised_7p_seed2024_nearest/checkpoints/iter_0004000.pt --sizes 128 256 \\
-        --out docs/results/inference_patch_size.json
+        --out docs/results/diagnostics/inference_patch_size.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
               f"{rows[-1]['per_class_dice']}")
     if args.out:
         args.out.write_text(json.dumps({
-            "command": "python benchmarks/inference_patch_size.py " + " ".join(
+            "command": "python benchmarks/investigations/inference_patch_size.py " + " ".join(
                 [str(args.checkpoint), "--sizes", *map(str, args.sizes), "--out", str(args.out)]),
             "checkpoint": str(args.checkpoint), "split": args.split,
             "image_interpolation": cfg["image_interpolation"], "rows": rows,
