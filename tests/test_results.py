@@ -17,11 +17,10 @@ from dust.config import load_config, resolve_bf16
 from dust.engine.errors import RunFailedError
 from dust.methods.loading import full_config
 from dust.results import (
-    README_END,
-    README_START,
     Comparison,
     group_over_seeds,
     identity_of,
+    readme_markers,
     replace_readme_table,
     results_markdown,
     update_results,
@@ -122,20 +121,26 @@ def test_methods_side_by_side_uses_one_setting_and_shows_what_is_missing():
 
 
 def test_readme_table_is_rewritten_between_its_markers(tmp_path: Path):
+    start, end = readme_markers("tiny")
     readme = tmp_path / "README.md"
-    readme.write_text(f"# intro\n{README_START}\nold table\n{README_END}\nafter\n")
+    readme.write_text(f"# intro\n{start}\nold table\n{end}\nafter\n")
     records = [_record(1, 60.0), _record(2, 70.0), _record(1, 80.0, checkpoint="best"),
-               _record(2, 90.0, checkpoint="best")]
-    replace_readme_table(readme, records)
+               _record(1, 66.0, method="dust", decoder="deconv+bilinear"),
+               _record(2, 73.0, method="dust", decoder="deconv+bilinear"),
+               _record(1, 99.0, method="dust", precision="fp32"), _record(1, 50.0, labeled_patients=14)]
+    comparison = Comparison(("supervised", "dust", "cps"), (7, 14), {"precision": "bf16"})
+    replace_readme_table(readme, records, "tiny", comparison, "docs/results/tiny.md")
     text = readme.read_text()
-    assert text.startswith("# intro\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
-    row = [line for line in text.splitlines() if line.startswith("| supervised")]
-    # last-checkpoint Dice over seeds, the best checkpoint's Dice, and both seeds' commands
-    assert len(row) == 1 and "| 1, 2 | 65.00 ± 5.00 | 85.00 ± 5.00 |" in row[0]
-    assert all(r["command"] in row[0] for r in records if r["checkpoint"] == "last")
+    assert text.startswith("# intro\n") and text.endswith(f"{end}\nafter\n") and "old table" not in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    # last checkpoint at the comparison's setting (the fp32 and best records are not in it), seeds averaged, and
+    # the paired difference to supervised; a method with no record at all gets no row
+    assert rows["| supervised"] == "| supervised | 65.00 ± 5.00 (2 seeds) | reference | 50.00 (1 seed) | reference |"
+    assert rows["| dust"] == "| dust | 69.50 ± 3.50 (2 seeds) | +4.50 ± 1.50 | not run |  |"
+    assert "| cps" not in rows and "[docs/results/tiny.md](docs/results/tiny.md)" in text
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
-        replace_readme_table(readme, records)
+        replace_readme_table(readme, records, "tiny", comparison, "docs/results/tiny.md")
 
 
 def test_rows_put_the_supervised_baseline_first_within_a_label_budget():

@@ -312,43 +312,48 @@ def results_markdown(records: list[dict], title: str, comparison: Comparison | N
     return "\n".join(lines) + "\n"
 
 
-README_START, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+def readme_markers(protocol: str) -> tuple[str, str]:
+    """The comments a README's generated table for ``protocol`` sits between."""
+    return f"<!-- results-table:{protocol}:start -->", f"<!-- results-table:{protocol}:end -->"
 
 
-def readme_table(records: list[dict]) -> str:
-    """The short table for the project README: one row per method and setting (seeds averaged), the last
-    checkpoint's Dice / HD95 / ASD, the best checkpoint's Dice, and the command of every seed in the row."""
-    groups = group_over_seeds(records)
-    best = {_without_checkpoint(rs[0]): rs for rs in groups.values() if rs[0]["checkpoint"] == "best"}
-    setting = ", ".join(_SETTING)
-    lines = [
-        f"| method | labelled patients | setting ({setting}) | seeds | Dice last | Dice best | HD95 last | ASD last "
-        "| commands |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for rs in sorted(groups.values(), key=_row_order):
-        if rs[0]["checkpoint"] != "last":
-            continue
-        best_rs = best.get(_without_checkpoint(rs[0]), [])
-        commands = "<br>".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rs))
-        lines.append(
-            f"| {rs[0]['method']} | {rs[0]['labeled_patients']} | {_setting(rs[0])} | "
-            f"{', '.join(str(r['seed']) for r in rs)} | {_fmt([r['dice'] for r in rs])} | "
-            f"{_fmt([r['dice'] for r in best_rs]) if best_rs else '-'} | {_fmt([r['hd95_vox'] for r in rs])} | "
-            f"{_fmt([r['asd_vox'] for r in rs])} | {commands} |"
-        )
+def readme_table(records: list[dict], comparison: Comparison, results_page: str) -> str:
+    """The project README's table: one row per method of ``comparison``, for each labelled count the last
+    checkpoint's Dice (mean ± std over seeds, their number) and its paired difference to supervised, at the
+    comparison's setting; ``results_page`` (every setting, every seed's command) is linked from the caption."""
+    at_setting = [r for r in records if r["checkpoint"] == "last"
+                  and all(r.get(k) == v for k, v in comparison.setting.items())]
+    groups = list(group_over_seeds(at_setting).values())
+    counts = comparison.labeled_patients
+    lines = ["| method | " + " | ".join(f"{n} labelled: Dice | Δ vs supervised" for n in counts) + " |",
+             "|---|" + "---|---|" * len(counts)]
+    for method in comparison.methods:
+        cells = []
+        for n in counts:
+            supervised = [rs for rs in groups if (rs[0]["method"], rs[0]["labeled_patients"]) == ("supervised", n)]
+            baseline = {r["seed"]: r["dice"] for r in supervised[0]} if len(supervised) == 1 else {}
+            mine = [rs for rs in groups if (rs[0]["method"], rs[0]["labeled_patients"]) == (method, n)]
+            if not mine:
+                cells += ["not run", ""]
+                continue
+            rs = max(mine, key=len)  # with several decoders measured, the one with the most seeds
+            seeds = f"{len(rs)} seed{'s' if len(rs) > 1 else ''}"
+            cells += [f"{_fmt([r['dice'] for r in rs])} ({seeds})", _paired_delta(rs, baseline, method)]
+        if any(c not in ("not run", "") for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Every setting, per-class Dice and each seed's command: [{results_page}]({results_page}).")
     return "\n".join(lines)
 
 
-def _without_checkpoint(r: dict) -> tuple:
-    return tuple(r.get(k) for k in IDENTITY if k not in ("seed", "checkpoint"))
-
-
-def replace_readme_table(readme: Path, records: list[dict]) -> None:
-    """Rewrite the part of ``readme`` between the results-table markers with :func:`readme_table`."""
+def replace_readme_table(readme: Path, records: list[dict], protocol: str, comparison: Comparison,
+                         results_page: str) -> None:
+    """Rewrite the part of ``readme`` between ``protocol``'s results-table markers with :func:`readme_table`."""
     text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+    start_marker, end_marker = readme_markers(protocol)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{readme}: no '{README_START}' ... '{README_END}' markers to put the results table between")
-    text = text[: start + len(README_START)] + "\n" + readme_table(records) + "\n" + text[end:]
+        raise ValueError(f"{readme}: no '{start_marker}' ... '{end_marker}' markers to put the results table between")
+    table = readme_table(records, comparison, results_page)
+    text = text[: start + len(start_marker)] + "\n" + table + "\n" + text[end:]
     atomic_write_text(text, readme)

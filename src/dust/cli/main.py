@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dust.cli import benchmark, check_data, predict, prepare, rank, report
+from dust.cli import benchmark, check_data, export, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.types import DataError
 from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFailedError
@@ -125,7 +125,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     protocol.write_results_page(records)
     print(f"wrote {protocol.results_markdown} from {len(records)} records")
     if args.readme:
-        replace_readme_table(Path(args.readme), records)
+        if protocol.comparison is None:
+            raise ConfigError(f"protocol {protocol.name!r} has no side-by-side comparison for a README table")
+        page = os.path.relpath(protocol.results_markdown, Path(args.readme).parent)
+        replace_readme_table(Path(args.readme), records, protocol.name, protocol.comparison, page)
         print(f"updated the results table in {args.readme}")
     return 0
 
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_data.add_parser(sub)
     prepare.add_parser(sub)
     predict.add_parser(sub)
+    export.add_parser(sub)
     rank.add_parser(sub)
     report.add_parser(sub)
     benchmark.add_parser(sub)

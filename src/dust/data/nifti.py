@@ -284,3 +284,27 @@ def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> Non
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=6)
     atomic_write(path, "wb", lambda f: f.write(data))
+
+
+def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float] | None = None) -> list[Path]:
+    """An h5 case (dust's or SSL4MIS's layout) as NIfTI: ``out_dir/<case>.nii.gz`` (``<case>_000k.nii.gz`` per
+    channel when there are several, the nnU-Net way) and, when it has one, ``out_dir/labels/<case>.nii.gz``.
+
+    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on (the arrays' axes reversed, so
+    ``(Z, Y, X)`` becomes ``(X, Y, Z)``); the affine is the one ``dust prepare`` stored, else a diagonal of
+    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
+    """
+    image, grid = _read_h5_case(path)
+    with h5py.File(path, "r") as f:
+        label = np.asarray(f["label"][()], dtype=np.uint8) if "label" in f else None
+    if spacing is not None:
+        grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
+    case = path.stem
+    names = [f"{case}.nii.gz"] if len(image) == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(len(image))]
+    written = [out_dir / name for name in names]
+    for channel, target in zip(image, written, strict=True):
+        write_stored(grid, channel, np.float32, target)
+    if label is not None:
+        written.append(out_dir / "labels" / f"{case}.nii.gz")
+        write_stored(grid, label, np.uint8, written[-1])
+    return written

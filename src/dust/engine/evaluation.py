@@ -62,7 +62,8 @@ def evaluate_checkpoint(
     empty_mask_policy: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
-    defaults to the checkpoint's file name) next to the checkpoint. ``empty_mask_policy`` overrides the run's."""
+    defaults to the checkpoint's file name) into its run directory (or, outside a run, beside it).
+    ``empty_mask_policy`` overrides the run's."""
     method, cfg = load_trained(path)
     if empty_mask_policy is not None:
         cfg = full_config({**cfg, "empty_mask_policy": empty_mask_policy})
@@ -71,6 +72,7 @@ def evaluate_checkpoint(
         write_phantom(cfg, root)  # makes sure the phantom exists
     volumes = load_split(cfg, root, split)
     per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
-    out_dir = out_dir or path.parent.parent
+    if out_dir is None:  # a run's checkpoints/X.pt: its run directory; a checkpoint elsewhere: its own folder
+        out_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     write_evaluation(out_dir, f"{split}_{tag or path.stem}", volumes, per_case, summary)
     return summary
