@@ -21,6 +21,8 @@ from typing import IO, Any
 import torch
 
 log = logging.getLogger("dust")
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), and set back at once
+os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -38,6 +40,7 @@ def atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets what open() would have given it
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
