@@ -69,8 +69,8 @@ class Protocol:
 
 # Every method is compared with BatchNorm recalibration: the semi-supervised methods train BatchNorm on batches
 # mixing labelled and unlabelled slices and on perturbed inputs, and evaluating with those running statistics
-# costs some of them 20-30 Dice (docs/results/analysis.md); re-estimating them on clean labelled batches before
-# each evaluation measures what the weights learned. It changes nothing in training.
+# costs some of them most of their Dice (docs/results/analysis.md, "BatchNorm statistics"); re-estimating them on clean
+# labelled batches before each evaluation measures what the weights learned. It changes nothing in training.
 _ACDC_COMPARISON = Comparison(
     methods=("supervised", "mean_teacher", "ua_mt", "dct", "urpc", "st_plus_plus", "cps", "self_training", "st_ss",
              "dust"),

@@ -61,8 +61,8 @@ _PSEUDO_LABEL_OPTIONS = {
     # as the supervised loss (Eq. 5) already does for labelled slices.
     "pseudo_label_dice": False,
     # Leave out of a stage the unlabelled slices whose pseudo-label is background only (not in the paper). On
-    # ACDC 43 of 1312 training slices (3.3%) hold no structure, but a 1600-iteration teacher predicts nothing on
-    # 18.7% of the pool; trained on, those slices teach the student to miss whole hearts.
+    # ACDC a short-trained teacher predicts nothing on far more slices than hold no structure; trained on, those
+    # slices teach the student to miss whole hearts (docs/results/analysis.md, "DUST at 7 patients").
     "skip_empty_pseudo_labels": False,
 }
 _SAMPLE_SORTING = {
