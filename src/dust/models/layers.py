@@ -6,6 +6,8 @@ one class serves 2D slices and 3D volumes and there is no 2D/3D flag to keep in 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +24,54 @@ def _check(dims: int) -> int:
 
 
 def conv(dims: int) -> type[nn.Module]:
-    return (nn.Conv2d, nn.Conv3d)[_check(dims) - 2]
+    return (nn.Conv2d, Conv3d)[_check(dims) - 2]
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that trains in fp32 wherever this CPU's bf16 kernel computes a wrong weight gradient.
+
+    On some CPUs (an AMD EPYC with AVX512-BF16, torch 2.13.0's oneDNN) a bf16 Conv3d's weight gradient is garbage,
+    often inf, when the input is shallow in depth relative to the kernel (depth 2 under a 3x3x3 kernel: a VNet's
+    bottleneck on a 32-deep crop); forward and input gradient stay right. Each distinct shape is probed once
+    (:func:`bf16_weight_gradient_is_sound`, cached) and, where the probe fails, only that layer leaves autocast. See
+    docs/results/analysis.md, "bf16 Conv3d weight gradients on AVX512-BF16 CPUs".
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and not bf16_weight_gradient_is_sound(tuple(x.shape), tuple(self.weight.shape), self.stride,
+                                                      self.padding, self.dilation, self.groups,
+                                                      x.is_contiguous(memory_format=torch.channels_last_3d))):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+@functools.cache
+def bf16_weight_gradient_is_sound(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: tuple,
+                                  padding: tuple | str, dilation: tuple, groups: int, channels_last: bool) -> bool:
+    """Whether a bf16 CPU ``conv3d`` of this shape gets its weight gradient right (within 5% of fp32's).
+
+    A probe on random data with its own generator (the training RNG is untouched), the same bf16-rounded operands
+    in fp32 as the reference; a wrong kernel is off by 70% or more, bf16 rounding by well under 1%.
+    """
+    generator = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(input_shape, generator=generator).bfloat16().contiguous(memory_format=fmt)
+    w = torch.randn(weight_shape, generator=generator).bfloat16().contiguous(memory_format=fmt)
+    gradients = []
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for dtype in (torch.bfloat16, torch.float32):
+            weight = w.to(dtype, copy=True).requires_grad_()
+            out = F.conv3d(x.to(dtype), weight, None, stride, padding, dilation, groups)
+            if not gradients:
+                upstream = torch.randn(out.shape, generator=generator).bfloat16()
+            out.backward(upstream.to(dtype))
+            gradients.append(weight.grad.float())
+    bf16, reference = gradients
+    error = (bf16 - reference).abs().max() / reference.abs().max().clamp_min(1e-12)
+    return bool(torch.isfinite(bf16).all() and error < 0.05)
 
 
 def conv_transpose(dims: int) -> type[nn.Module]:
