@@ -48,10 +48,13 @@ def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
 def test_a_2d_run_computes_what_it_did_before_dust_was_n_dimensional(method, phantom_root, tmp_path):
     expected = json.loads(PINS.read_text())[method]
     got = pinned_run(method, phantom_root, tmp_path / "run")
-    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-3, abs=1e-4)
+    # A changed computation moves the first steps; another CPU's summation order drifts later ones, most in
+    # methods that train on each other's argmax (CPS on an AMD EPYC: 1e-4 at step 5, 3e-3 at step 9).
+    assert got["loss"][:5] == pytest.approx(expected["loss"][:5], rel=1e-3, abs=1e-4)
+    assert got["loss"][5:] == pytest.approx(expected["loss"][5:], rel=1e-2, abs=1e-4)
     assert got["dice"] == pytest.approx(expected["dice"], abs=0.02)
     for name, values in expected["checksums"].items():
-        assert got["checksums"][name] == pytest.approx(values, rel=1e-4), name
+        assert got["checksums"][name] == pytest.approx(values, rel=5e-4), name
 
 
 def test_every_registered_method_is_pinned():
