@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--name", required=True, help="file stem under models/, e.g. acdc_dust_7p")
     parser.add_argument("--input", required=True, help="what the model expects as input, in words")
+    parser.add_argument("--note", default="", help="anything a user should know, e.g. the machine it was trained on")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +77,8 @@ def main() -> None:
         "val_dice_fp16": val_dice,
         "check_cases": dict(list(cases.items())[:CHECK_CASES]),
     }
+    if args.note:
+        entry["note"] = args.note
     index = json.loads(INDEX.read_text()) if INDEX.is_file() else []
     index = [e for e in index if e["name"] != args.name] + [entry]
     atomic_write_text(json.dumps(sorted(index, key=lambda e: e["name"]), indent=1) + "\n", INDEX)
