@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from dust.models.layers import conv
+from dust.results import cpu_model
 
 # (batch, channels, depth, height, width, kernel): LA protocol VNet levels (a 32x64x64 crop halves four times),
 # MultiCURE's 5x5x5 branch on the auxiliary decoder's 4x8x8 map, the 3D phantom's bottleneck decoder level
@@ -26,13 +27,6 @@ SHAPES = [
     (4, 16, 32, 64, 64, 3), (4, 32, 16, 32, 32, 3), (4, 64, 8, 16, 16, 3), (4, 128, 4, 8, 8, 3),
     (4, 256, 2, 4, 4, 3), (4, 64, 4, 8, 8, 5), (4, 32, 2, 2, 2, 3),
 ]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def weight_gradient_error(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> float:

@@ -7,6 +7,7 @@ overall and per-class metrics (Dice/Jaccard in percent, HD95/ASD in voxels), tra
 from __future__ import annotations
 
 import json
+import platform
 import shlex
 from collections import defaultdict
 from collections.abc import Iterator
@@ -92,7 +93,18 @@ def make_record(cfg: dict[str, Any], summary: dict, checkpoint: str, train_secon
     }
     record["train_seconds"] = round(train_seconds, 1)
     record["command"] = command
+    record["cpu"] = cpu_model()
     return record
+
+
+def cpu_model() -> str:
+    """The CPU that wrote a record: kernels and summation order differ between CPUs (analysis.md, bf16 sections)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def pin_precision(command: str, precision: str) -> str:
@@ -308,7 +320,8 @@ def results_markdown(records: list[dict], title: str, comparison: Comparison | N
         if r["command"] not in seen:
             seen.add(r["command"])
             lines.append(f"- {r['method']}, {r['labeled_patients']} patients, seed {r['seed']} [{_setting(r)}] "
-                         f"({r['train_seconds']:.0f} s training): `{r['command']}`")
+                         f"({r['train_seconds']:.0f} s training{', ' + r['cpu'] if r.get('cpu') else ''}): "
+                         f"`{r['command']}`")
     return "\n".join(lines) + "\n"
 
 
