@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,20 @@ def test_every_stored_command_names_the_precision_it_ran_at(tmp_path: Path):
     assert stored[1] == "dust train --config c.yaml --set seed=1 --set bf16=true --record r.json"
     assert stored[2] == explicit["command"]
     assert stored[3] == "dust train --config c.yaml --set seed=3 --set bf16=false"
+
+
+@pytest.mark.parametrize("name", ["acdc-cpu", "la-cpu"])
+def test_the_committed_tables_are_what_dust_results_writes_from_the_committed_records(name, tmp_path: Path):
+    """README.md's side-by-side table and the protocol's results page are generated, never hand-edited or stale."""
+    from dust.benchmark import get_protocol
+
+    repo = Path(__file__).resolve().parents[1]
+    protocol = get_protocol(name)
+    records = json.loads((repo / protocol.results_json).read_text())
+    page = replace(protocol, results_markdown=tmp_path / "page.md")
+    page.write_results_page(records)
+    assert (tmp_path / "page.md").read_text() == (repo / protocol.results_markdown).read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text((repo / "README.md").read_text())
+    replace_readme_table(readme, records, name, protocol.comparison, str(protocol.results_markdown))
+    assert readme.read_text() == (repo / "README.md").read_text()
