@@ -40,7 +40,6 @@ def test_standard_unet_size():
     assert 1.5e6 < n < 2.2e6
 
 
-
 @pytest.mark.parametrize(("depth", "kernel"), [(2, 3), (3, 5), (8, 3)])
 def test_a_3d_convolution_trains_with_the_right_weight_gradient_under_bf16(depth, kernel):
     """Shallow inputs (depth 2 under a 3x3x3 kernel: a VNet's bottleneck on a 32-deep crop) are where some CPUs'
