@@ -4,7 +4,7 @@ For every encoder/decoder level of the protocol's VNet (crops 32x64x64 resampled
 MultiCURE's 5x5x5 branch and the test phantom's 16^3 crops: the relative error of the bf16 weight gradient against
 fp32 on the same bf16-rounded operands, for plain ``torch.nn.Conv3d`` and for dust's ``layers.conv(3)`` (which leaves
 autocast where its probe finds the kernel wrong). bf16 rounding alone stays well under 1%; a wrong kernel is off by
-70% or more, often inf. Backs docs/results/analysis.md, "bf16 Conv3d weight gradients on AVX512-BF16 CPUs":
+100% or more, often inf. Backs docs/results/analysis.md, "bf16 Conv3d weight gradients on AVX512-BF16 CPUs":
 
     python benchmarks/bf16_conv3d_check.py --out docs/results/diagnostics/bf16_conv3d_NAME.json
 """
