@@ -27,13 +27,22 @@ BASE_DEFAULTS: dict[str, Any] = {
     "channels": [16, 32, 64, 128, 256],
     "dropout": [0.05, 0.1, 0.2, 0.3, 0.5],
     # data
-    "dataset": "ssl4mis_h5",  # reader: ssl4mis_h5 (ACDC-style slices + volumes) | la_h5 (UA-MT's left-atrium volumes)
+    # reader: ssl4mis_h5 (ACDC-style slices + volumes) | la_h5 (UA-MT's left-atrium volumes) | prepared_3d
+    # (dust prepare --dims 3: volumes read crop by crop from disk)
+    "dataset": "ssl4mis_h5",
     "data_dir": "ACDC",  # a bare name is looked up under $DUST_DATA; ./x or /x are used as given
     "generate_phantom": False,  # write the synthetic phantom into data_dir first if it is missing
     "phantom_seed": 0,
     "in_channels": 1,
     # how a NIfTI case becomes model input: set by `dust prepare` (its dust.yaml), applied again by `dust predict`
-    "intensity_norm": "minmax",  # per case and channel: minmax ((x - min) / (max - min), SSL4MIS) | zscore
+    # minmax ((x - min) / (max - min) per case, SSL4MIS) | zscore (per case) | zscore_nonzero (per case, inside the
+    # nonzero mask: skull-stripped MRI) | ct (clip + z-score with the dataset's intensity_stats) | none (as stored)
+    "intensity_norm": "minmax",
+    "intensity_stats": None,  # ct: per channel {low, high, mean, std} over the dataset's foreground (dust prepare)
+    "crop_nonzero": False,  # crop each case to where a channel is nonzero (undone at prediction); dust prepare --dims 3
+    # mm per (S, H, W) axis the model is trained at: every case is resampled to it for inference and the
+    # probabilities back (dust prepare --dims 3 stores the training volumes resampled); null: no resampling
+    "target_spacing": None,
     # file voxel axis that comes first in dust's (S, H, W) arrays: the one a 2D model slices along (through-plane)
     "slice_axis": 2,
     "modalities": None,  # channel indices taken from multi-modality input; null: all, in file order
@@ -160,7 +169,8 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
 
 CHOICES = {"spatial_policy": ("resize", "crop"), "empty_mask_policy": ("dust", "nnunet", "exclude"),
            "inference_blend": ("gaussian", "constant"),
-           "dataset": ("ssl4mis_h5", "la_h5")}
+           "dataset": ("ssl4mis_h5", "la_h5", "prepared_3d"),
+           "intensity_norm": ("minmax", "zscore", "zscore_nonzero", "ct", "none")}
 
 # Numeric engine keys: (integer?, lowest allowed, highest allowed or None, is the lowest itself allowed?).
 # Checked up front so a bad value is one line naming the key, not a ZeroDivisionError or torch's message mid-run.
@@ -203,9 +213,34 @@ def _check_choices(cfg: dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, list) and len(value) != dims:
             raise ConfigError(f"{key} {value}: one value per axis of patch_size {cfg['patch_size']}")
+    _check_patch_divisible(cfg)
+    target = cfg["target_spacing"]
+    if target is not None and (not isinstance(target, list | tuple) or len(target) != 3 or dims != 3 or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and t > 0 for t in target)):
+        raise ConfigError(f"target_spacing {target!r}: three positive numbers (mm per S, H, W axis), for a 3D "
+                          "patch_size")
+    if cfg["intensity_norm"] == "ct" and not cfg["intensity_stats"]:
+        raise ConfigError("intensity_norm: ct needs intensity_stats (per channel low, high, mean, std), which "
+                          "dust prepare --norm ct writes into the dataset's dust.yaml")
     factor = cfg["resample_factor"]
     if not (isinstance(factor, int | float) and 0 < factor <= 4):
         raise ConfigError(f"resample_factor {factor!r}: expected a number in (0, 4]")
+
+
+def _check_patch_divisible(cfg: dict[str, Any]) -> None:
+    """Every dust network halves each axis once per level below the top (``channels`` has the levels), so each
+    patch size must be a multiple of 2**(levels - 1); otherwise the decoder's sizes do not meet its skips."""
+    channels = cfg["channels"]
+    if not isinstance(channels, list | tuple) or len(channels) < 1:
+        return  # the model refuses it with its own message
+    step = 2 ** (len(channels) - 1)
+    patch = list(cfg["patch_size"])
+    if all(p % step == 0 for p in patch):
+        return
+    down = [max(step, p // step * step) for p in patch]
+    up = [-(-p // step) * step for p in patch]
+    raise ConfigError(f"patch_size {patch}: the {cfg['model']} halves each axis {len(channels) - 1} times, so each "
+                      f"size must be a multiple of {step}; e.g. {down} or {up}")
 
 
 def resolve_bf16(value: Any, device: str) -> bool:

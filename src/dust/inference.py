@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from dust.data.transforms import resampled_shape, resize_image
+from dust.data.transforms import resample_to, resampled_shape, resize_image, separate_axis, spacing_grid
+from dust.data.types import as_tensor
 from dust.models.layers import to_channels_last
 from dust.uncertainty import uncertainty_map, uncertainty_name
 
@@ -58,6 +59,7 @@ class Predictor:
     stride: tuple[int, ...] | None = None
     blend: str = "gaussian"
     windows_per_batch: int = 2
+    target_spacing: tuple[float, ...] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: torch.device) -> Predictor:
@@ -68,6 +70,7 @@ class Predictor:
             tuple(overlap) if isinstance(overlap, list) else float(overlap),
             None if cfg["inference_stride"] is None else tuple(int(s) for s in cfg["inference_stride"]),
             cfg["inference_blend"], int(cfg["inference_windows_per_batch"]),
+            None if cfg["target_spacing"] is None else tuple(float(s) for s in cfg["target_spacing"]),
         )
 
     @property
@@ -76,13 +79,17 @@ class Predictor:
 
     # ------------------------------------------------------------------ whole cases
     @torch.inference_mode()
-    def case(self, heads: Heads, image: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+    def case(self, heads: Heads, image: np.ndarray | torch.Tensor,
+             spacing: Sequence[float] | None = None) -> list[torch.Tensor]:
         """Class probabilities (K, *spatial) of each head on the case's own grid, for an image (C, *spatial) with
-        one more spatial axis than the model (2D model, slice by slice) or as many (3D model)."""
+        one more spatial axis than the model (2D model, slice by slice) or as many (3D model).
+
+        A model trained at a ``target_spacing`` sees the case resampled from its ``spacing`` (mm per axis) to that
+        spacing, as ``dust prepare --dims 3`` stored its training volumes; a case of unknown spacing is refused."""
         volume = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image).float()
         extra = volume.dim() - 1 - self.spatial_dims
         if extra == 0:
-            return [p[0] for p in self._probabilities(heads, volume[None])]
+            return [p[0] for p in self._probabilities(heads, volume[None], spacing)]
         if extra != 1:
             raise ValueError(f"a {self.spatial_dims}D model predicts (C, *spatial) cases with {self.spatial_dims} or "
                              f"{self.spatial_dims + 1} spatial axes; got an image of shape {tuple(volume.shape)}")
@@ -91,23 +98,33 @@ class Predictor:
         out = [self._probabilities(heads, slices[i : i + batch]) for i in range(0, len(slices), batch)]
         return [torch.cat(parts).transpose(0, 1).contiguous() for parts in zip(*out, strict=True)]
 
-    def _probabilities(self, heads: Heads, x: torch.Tensor) -> list[torch.Tensor]:
+    def _probabilities(self, heads: Heads, x: torch.Tensor,
+                       spacing: Sequence[float] | None = None) -> list[torch.Tensor]:
         """(B, C, *spatial) at the case's grid -> per head (B, K, *spatial) probabilities on that grid, on the CPU."""
         size = tuple(x.shape[2:])
         if self.spatial_policy == "resize":
             inputs = resize_image(x, self.patch_size, self.interpolation).to(self.device)
             probs = [torch.softmax(z.float(), 1) for z in self._forward(heads, inputs)]
+        elif self.target_spacing is not None:
+            if spacing is None or len(spacing) != len(size):
+                raise ValueError(f"this model was trained at {list(self.target_spacing)} mm and resamples every case "
+                                 f"to it; the case's voxel size is not known (got {spacing})")
+            separate = separate_axis(spacing)
+            grid = spacing_grid(size, spacing, self.target_spacing)
+            probs = self._sliding_window(heads, resample_to(x, grid, separate).to(self.device))
+            return [resample_to(p.cpu(), size, separate) for p in probs]
         else:
             grid = resampled_shape(size, self.resample_factor)
             probs = self._sliding_window(heads, resize_image(x, grid, self.interpolation).to(self.device))
         return [resize_image(p, size).cpu() for p in probs]
 
-    def segment(self, method: Any, image: np.ndarray | torch.Tensor, uncertainty: bool = False) -> Segmentation:
+    def segment(self, method: Any, image: np.ndarray | torch.Tensor, uncertainty: bool = False,
+                spacing: Sequence[float] | None = None) -> Segmentation:
         """A trained method's label map of one case, the argmax of ``method.predict`` (what evaluation scores),
         and with ``uncertainty`` its pixel uncertainty: the decoders' KL when the method's ``inference_heads``
         include two decoders, else the prediction's entropy."""
         heads = method.inference_heads if uncertainty else (lambda x: (method.predict(x),))
-        probs = self.case(heads, image)
+        probs = self.case(heads, image, spacing)
         if not uncertainty:
             return Segmentation(probs[0].argmax(0))
         return Segmentation(probs[0].argmax(0), uncertainty_map(probs), uncertainty_name(len(probs)))
@@ -126,12 +143,13 @@ class Predictor:
         if self.spatial_policy == "resize":
             for start in range(0, len(indices), POOL_ITEMS_PER_FORWARD):
                 idx = list(indices[start : start + POOL_ITEMS_PER_FORWARD])
-                x = torch.cat([resize_image(images[i][None], self.patch_size, self.interpolation) for i in idx])
+                x = torch.cat([resize_image(as_tensor(images[i])[None], self.patch_size, self.interpolation)
+                               for i in idx])
                 x = self._layout(x.to(self.device))
                 yield idx, x, [z.float() for z in self._forward(heads, x)]
             return
         for i in indices:
-            x = images[i][None].float().to(self.device)
+            x = as_tensor(images[i])[None].float().to(self.device)
             probs = self._sliding_window(heads, x)
             yield [i], x, [p.clamp_min(1e-12).log() for p in probs]
 

@@ -2,7 +2,8 @@
 
 Every reader gives the same things (:mod:`dust.data.types`): training items ``(C, *spatial)`` (slices for a 2D
 model, volumes for a 3D one), the unlabelled pool, and whole volumes (C, S, H, W) to evaluate on. The config's
-``dataset`` picks the reader: ``ssl4mis_h5`` (:mod:`dust.data.ssl4mis`, ACDC) or ``la_h5`` (:mod:`dust.data.la`).
+``dataset`` picks the reader: ``ssl4mis_h5`` (:mod:`dust.data.ssl4mis`, ACDC), ``la_h5`` (:mod:`dust.data.la`) or
+``prepared_3d`` (:mod:`dust.data.volumes`, what ``dust prepare --dims 3`` writes; read from disk crop by crop).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dust.data import la, ssl4mis
+from dust.data import la, ssl4mis, volumes
 from dust.data.prepare import check_prepared
 from dust.data.types import DataError, ItemSet, SliceSet, Volume
 
@@ -20,7 +21,7 @@ __all__ = ["DataError", "ItemSet", "SliceSet", "Volume", "TrainingData", "load_t
            "write_phantom"]
 
 log = logging.getLogger("dust")
-DATASETS = ("ssl4mis_h5", "la_h5")
+DATASETS = ("ssl4mis_h5", "la_h5", "prepared_3d")
 
 
 @dataclass
@@ -58,17 +59,22 @@ def load_split(cfg: dict[str, Any], root: Path, split: str, with_labels: bool = 
     _checked_root(cfg, root)
     if cfg["dataset"] == "la_h5":
         return la.load_volumes(cfg, root, split, with_labels)
+    if cfg["dataset"] == "prepared_3d":
+        return volumes.load_volumes(cfg, root, split, with_labels)
     return ssl4mis.load_volumes(root, split, int(cfg["num_classes"]), with_labels)
 
 
 def load_training_data(cfg: dict[str, Any], root: Path) -> TrainingData:
-    """Labelled items, unlabelled pool and validation volumes for a config, all held in memory."""
+    """Labelled items, unlabelled pool and validation volumes for a config (in memory, or on disk for
+    ``prepared_3d``)."""
     if cfg["generate_phantom"]:
         write_phantom(cfg, root)
     _checked_root(cfg, root)
     check_prepared(cfg, root)
     if cfg["dataset"] == "la_h5":
         labeled, unlabeled = la.load_training_items(cfg, root)
+    elif cfg["dataset"] == "prepared_3d":
+        labeled, unlabeled = volumes.load_training_items(cfg, root)
     else:
         labeled, unlabeled = ssl4mis.load_training_slices(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]))
     val = load_split(cfg, root, cfg["val_split"])
@@ -76,7 +82,7 @@ def load_training_data(cfg: dict[str, Any], root: Path) -> TrainingData:
     if overlap:
         raise DataError(f"{root}: patient(s) {sorted(overlap)} are in both the training list and the "
                         f"{cfg['val_split']} split")
-    channels = {int(x.shape[0]) for x in labeled.images + unlabeled.images} | {int(v.image.shape[0]) for v in val}
+    channels = {int(x.shape[0]) for x in labeled.images + unlabeled.images} | {v.channels for v in val}
     if channels != {int(cfg["in_channels"])}:
         raise DataError(f"{root}: the images have {sorted(channels)} channel(s) but in_channels is "
                         f"{cfg['in_channels']}")

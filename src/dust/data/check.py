@@ -26,8 +26,10 @@ import numpy as np
 
 from dust.config import resolve_data_dir
 from dust.data.la import case_path
+from dust.data.prepare import check_prepared
 from dust.data.ssl4mis import patients_in_order
 from dust.data.types import DataError, patient_of, read_list
+from dust.data.volumes import case_path as volume_path
 
 
 def check_data(cfg: dict[str, Any]) -> list[str]:
@@ -37,15 +39,22 @@ def check_data(cfg: dict[str, Any]) -> list[str]:
         from dust.data import write_phantom
 
         write_phantom(cfg, root)
-    if cfg["dataset"] not in ("ssl4mis_h5", "la_h5"):
-        return [f"dataset {cfg['dataset']!r}: no checker for this reader (known: ssl4mis_h5, la_h5)"]
+    if cfg["dataset"] not in ("ssl4mis_h5", "la_h5", "prepared_3d"):
+        return [f"dataset {cfg['dataset']!r}: no checker for this reader (known: ssl4mis_h5, la_h5, prepared_3d)"]
     if not root.is_dir():
         return [f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up "
                 "under $DUST_DATA)"]
+    try:  # the config must read the data the way dust prepare made it, as training checks
+        check_prepared(cfg, root)
+    except DataError as err:
+        return [str(err)]
     channels = ChannelRule(int(cfg["in_channels"]), cfg.get("modalities"))
     if cfg["dataset"] == "la_h5":
         return check_la(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"],
                         int(cfg["holdout_cases"]), len(cfg["patch_size"]), channels)
+    if cfg["dataset"] == "prepared_3d":
+        return check_prepared_3d(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"],
+                                 len(cfg["patch_size"]), ChannelRule(int(cfg["in_channels"])))
     return check_ssl4mis(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"], channels)
 
 
@@ -97,6 +106,32 @@ def check_la(root: Path, labeled: int, num_classes: int, val_split: str, holdout
             for case in sorted(set(pool) & set(_read_list(path, problems))):
                 problems.append(f"{path}: case {case} is also in the training pool of {train_list.name} (a case "
                                 "belongs to one split)")
+    return problems
+
+
+def check_prepared_3d(root: Path, labeled_patients: int, num_classes: int, val_split: str, patch_dims: int,
+                      channels: ChannelRule | None = None) -> list[str]:
+    """Problems of a ``dust prepare --dims 3`` dataset (:mod:`dust.data.volumes`)."""
+    problems: list[str] = []
+    train_list = root / "train.list"
+    train = _read_list(train_list, problems)
+    if patch_dims != 3:
+        problems.append(f"{root}: the prepared_3d reader gives volumes; patch_size needs 3 numbers, it has "
+                        f"{patch_dims}")
+    patients = list(dict.fromkeys(patient_of(c) for c in train))
+    if train and not 1 <= labeled_patients <= len(patients):
+        problems.append(f"{train_list}: labeled_patients={labeled_patients}, but the list has {len(patients)} "
+                        "patient(s)")
+    labelled = set(patients[: max(labeled_patients, 0)])
+    for case in train:
+        _check_file(volume_path(root, case), train_list.name, (3, 4), patient_of(case) in labelled, num_classes,
+                    problems, channels)
+    evaluated = _read_list(root / f"{val_split}.list", problems)
+    for case in evaluated:
+        _check_file(volume_path(root, case), f"{val_split}.list", (3, 4), True, num_classes, problems, channels)
+    for patient in sorted(set(patients) & {patient_of(c) for c in evaluated}):
+        problems.append(f"{root / (val_split + '.list')}: patient {patient} is also in {train_list.name} (a patient "
+                        "belongs to one split)")
     return problems
 
 

@@ -21,7 +21,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 
@@ -30,7 +29,7 @@ from dust.storage import atomic_write
 
 log = logging.getLogger("dust")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
-INTENSITY_NORMS = ("minmax", "zscore")
+INTENSITY_NORMS = ("minmax", "zscore", "zscore_nonzero", "ct", "none")
 CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
 
 
@@ -126,6 +125,8 @@ def read_channels(
         elif data.shape[:3] != reference.shape[:3]:
             raise DataError(f"{path}: spatial shape {data.shape[:3]} differs from {paths[0].name}'s "
                             f"{reference.shape[:3]}")
+        else:
+            check_same_grid(img, path, reference, paths[0])
         channels += parts
         sources += [path] * len(parts)
     if modalities is not None:
@@ -135,6 +136,28 @@ def read_channels(
                             f"channel(s) ({', '.join(p.name for p in paths)})")
         channels = [channels[m] for m in modalities]
     return np.stack(channels), reference
+
+
+# Two files of one case must lie on one voxel grid: the affines may differ by float32 storage noise, no more.
+AFFINE_TOLERANCE_MM = 1e-2
+
+
+def check_same_grid(img: nib.spatialimages.SpatialImage, path: Path, reference: nib.spatialimages.SpatialImage,
+                    reference_path: Path) -> None:
+    """Refuse ``path`` unless its voxel grid (shape and affine, within AFFINE_TOLERANCE_MM per entry, in mm and
+    mm per voxel) is ``reference_path``'s: a label shifted or flipped against its image would train on the wrong
+    voxels without a word."""
+    if tuple(img.shape[:3]) != tuple(reference.shape[:3]):
+        raise DataError(f"{path}: shape {tuple(img.shape[:3])} differs from {reference_path.name}'s "
+                        f"{tuple(reference.shape[:3])}; the files of one case must share a voxel grid")
+    a, b = np.asarray(img.affine, dtype=np.float64), np.asarray(reference.affine, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise DataError(f"{path}: the affine holds NaN or Inf values")
+    diff = float(np.abs(a - b).max())
+    if diff > AFFINE_TOLERANCE_MM:
+        raise DataError(f"{path}: affine differs from {reference_path.name}'s by up to {diff:.3g} mm (origin "
+                        f"{np.round(a[:3, 3], 2).tolist()} vs {np.round(b[:3, 3], 2).tolist()}); the label and "
+                        "image of a case must share a voxel grid (resample one onto the other first)")
 
 
 def read_label_map(path: Path) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
@@ -159,22 +182,50 @@ def read_label(path: Path, num_classes: int, shape: tuple[int, ...], image_path:
     return data.astype(np.uint8)
 
 
-def normalize(image: np.ndarray, method: str, source: Path | str) -> tuple[np.ndarray, dict[str, list[float]]]:
-    """Per-channel normalisation of (C, ...) over the whole case -> float32, and the statistics used."""
+def normalize(
+    image: np.ndarray, method: str, source: Path | str, stats: list[dict[str, float]] | None = None,
+) -> tuple[np.ndarray, dict[str, list[float]]]:
+    """Per-channel normalisation of (C, ...) -> float32, and the statistics used.
+
+    ``minmax`` / ``zscore``: per case over the whole volume; ``zscore_nonzero``: per case over the voxels where any
+    channel is nonzero, the rest set to 0 (skull-stripped brain MRI, as BraTS pipelines and nnU-Net do); ``ct``:
+    the dataset's statistics ``stats`` (per channel ``low``, ``high``, ``mean``, ``std``: clip, then z-score), so
+    one Hounsfield value maps to one input value in every scan; ``none``: as stored (data normalised before, e.g.
+    the LA h5 volumes, which UA-MT z-scored per case).
+    """
     if method not in INTENSITY_NORMS:
         raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {method!r}")
     axes = tuple(range(1, image.ndim))
+    if method == "none":
+        return image.astype(np.float32), {}
+    if method == "ct":
+        if not stats or len(stats) != len(image):
+            raise ValueError(f"{source}: the ct normalisation needs intensity_stats for each of its {len(image)} "
+                             f"channel(s) (written by dust prepare), got {stats!r}")
+        out = np.empty(image.shape, dtype=np.float32)
+        for c, st in enumerate(stats):
+            out[c] = (np.clip(image[c], st["low"], st["high"]) - st["mean"]) / st["std"]
+        return out, {k: [float(st[k]) for st in stats] for k in ("low", "high", "mean", "std")}
     if method == "minmax":
         lo, hi = image.min(axis=axes, keepdims=True), image.max(axis=axes, keepdims=True)
         if np.any(hi <= lo):
             raise DataError(f"{source}: a channel is constant ({lo.ravel().tolist()}); cannot min-max normalise it")
-        out, stats = (image - lo) / (hi - lo), {"min": lo.ravel().tolist(), "max": hi.ravel().tolist()}
-    else:
-        mean, std = image.mean(axis=axes, keepdims=True), image.std(axis=axes, keepdims=True)
-        if np.any(std == 0):
-            raise DataError(f"{source}: a channel is constant; cannot z-score normalise it")
-        out, stats = (image - mean) / std, {"mean": mean.ravel().tolist(), "std": std.ravel().tolist()}
-    return out.astype(np.float32), stats
+        out, stats_used = (image - lo) / (hi - lo), {"min": lo.ravel().tolist(), "max": hi.ravel().tolist()}
+        return out.astype(np.float32), stats_used
+    mask = np.any(image != 0, axis=0) if method == "zscore_nonzero" else np.ones(image.shape[1:], dtype=bool)
+    if not mask.any():
+        raise DataError(f"{source}: every voxel is zero; cannot z-score normalise it")
+    out = np.zeros(image.shape, dtype=np.float32)
+    means, stds = [], []
+    for c in range(len(image)):
+        values = image[c][mask]
+        mean, std = float(values.mean()), float(values.std())
+        if std == 0:
+            raise DataError(f"{source}: channel {c} is constant; cannot z-score normalise it")
+        out[c] = np.where(mask, (image[c] - mean) / std, 0.0)
+        means.append(mean)
+        stds.append(std)
+    return out, {"mean": means, "std": stds}
 
 
 # ---------------------------------------------------------------------------------------------- new cases
@@ -186,6 +237,17 @@ class Grid:
     affine: np.ndarray
     header: nib.Nifti1Header | nib.Nifti2Header | None  # the input's header (None: h5 input)
     image_class: type = nib.Nifti1Image
+    box: tuple[tuple[int, int], ...] | None = None  # the model input's crop of the (S, H, W) grid ([start, stop))
+    shape: tuple[int, ...] | None = None  # the whole (S, H, W) grid, when the input was cropped
+    spacing: tuple[float, ...] | None = None  # mm per (S, H, W) axis, when known
+
+    def uncrop(self, stored: np.ndarray) -> np.ndarray:
+        """An (S, H, W) array on the model input's crop -> the whole grid, zero (background) outside the crop."""
+        if self.box is None:
+            return stored
+        full = np.zeros(self.shape, dtype=stored.dtype)
+        full[tuple(slice(a, b) for a, b in self.box)] = stored
+        return full
 
 
 @dataclass
@@ -235,43 +297,9 @@ def find_input_cases(path: Path) -> list[InputCase]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def read_input_case(
-    case: InputCase, modalities: list[int] | None, intensity_norm: str, slice_axis: int
-) -> tuple[np.ndarray, Grid]:
-    """Model input (C, S, H, W) float32 of a new case, normalised like the training data, and its grid.
-
-    An h5 input is taken as already prepared (``dust prepare`` output or the SSL4MIS layout): it is not
-    normalised again. Its geometry comes from the attributes ``dust prepare`` writes; an h5 without them is
-    read in the SSL4MIS convention (a (Z, Y, X) array, written back as (X, Y, Z) with an identity affine).
-    """
-    if case.is_h5:
-        return _read_h5_case(case.paths[0])
-    channels, reference = read_channels(case.paths, modalities)
-    image, _ = normalize(channels, intensity_norm, case.paths[0])
-    grid = Grid(slice_axis, reference.affine, reference.header, type(reference))
-    return to_stored(image, slice_axis), grid
-
-
-def _read_h5_case(path: Path) -> tuple[np.ndarray, Grid]:
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read h5 file ({err})") from None
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4:
-        raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
-    affine = np.asarray(attrs["affine"], dtype=np.float64) if "affine" in attrs else np.eye(4)
-    return image, Grid(int(attrs.get("slice_axis", 2)), affine, None)
-
-
 def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> None:
     """Write an (S, H, W) array back on the input's voxel grid, with its affine and (when known) header."""
-    data = from_stored(stored, grid.slice_axis).astype(dtype)
+    data = from_stored(grid.uncrop(stored), grid.slice_axis).astype(dtype)
     if grid.header is None:
         img = nib.Nifti1Image(data, grid.affine)
     else:
@@ -284,27 +312,3 @@ def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> Non
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=6)
     atomic_write(path, "wb", lambda f: f.write(data))
-
-
-def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float] | None = None) -> list[Path]:
-    """An h5 case (dust's or SSL4MIS's layout) as NIfTI: ``out_dir/<case>.nii.gz`` (``<case>_000k.nii.gz`` per
-    channel when there are several, the nnU-Net way) and, when it has one, ``out_dir/labels/<case>.nii.gz``.
-
-    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on (the arrays' axes reversed, so
-    ``(Z, Y, X)`` becomes ``(X, Y, Z)``); the affine is the one ``dust prepare`` stored, else a diagonal of
-    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
-    """
-    image, grid = _read_h5_case(path)
-    with h5py.File(path, "r") as f:
-        label = np.asarray(f["label"][()], dtype=np.uint8) if "label" in f else None
-    if spacing is not None:
-        grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
-    case = path.stem
-    names = [f"{case}.nii.gz"] if len(image) == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(len(image))]
-    written = [out_dir / name for name in names]
-    for channel, target in zip(image, written, strict=True):
-        write_stored(grid, channel, np.float32, target)
-    if label is not None:
-        written.append(out_dir / "labels" / f"{case}.nii.gz")
-        write_stored(grid, label, np.uint8, written[-1])
-    return written

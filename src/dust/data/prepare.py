@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -45,18 +47,31 @@ from dust.data.nifti import (
     CHANNEL_FILE,
     INTENSITY_NORMS,
     NIFTI_ENDINGS,
+    check_same_grid,
     find_input_cases,
     load_nifti,
     nifti_stem,
     normalize,
     read_channels,
     read_label,
+    read_label_map,
     spacing_of,
     stored_axes,
     to_stored,
     visible_files,
 )
+from dust.data.plan import (
+    DEFAULT_PATCH_VOXELS,
+    ct_statistics,
+    outlier_spacings,
+    plan_patch,
+    sample_foreground,
+    target_spacing,
+)
+from dust.data.preprocess import Preprocessing, nonzero_box
+from dust.data.transforms import resample_label_to, resample_to, separate_axis, spacing_grid
 from dust.data.types import DataError, patient_of, write_h5
+from dust.data.volumes import CASES
 
 log = logging.getLogger("dust")
 
@@ -65,7 +80,10 @@ SPLITS = ("labeled", "unlabeled", "val", "test")
 DATASET_FILE = "dust_dataset.json"
 CONFIG_FILE = "dust.yaml"
 # config keys that must equal what prepare did, or `dust predict` would feed the model something else
-RECORDED_KEYS = ("in_channels", "num_classes", "intensity_norm", "slice_axis", "modalities")
+RECORDED_KEYS = ("in_channels", "num_classes", "intensity_norm", "slice_axis", "modalities", "intensity_stats",
+                 "crop_nonzero", "target_spacing")
+# what a dataset prepared before these keys existed did (for check_prepared)
+_RECORDED_BEFORE = {"intensity_stats": None, "crop_nonzero": False, "target_spacing": None}
 ACDC_CLASSES = ["background", "RV", "Myo", "LV"]
 _ACDC_FRAME = re.compile(r"^patient\d+_frame\d+$")
 
@@ -85,8 +103,9 @@ class SourceCase:
 class Source:
     layout: str
     channel_names: list[str]
-    class_names: list[str]
+    class_names: list[str]  # after the label map, when there is one
     cases: list[SourceCase]
+    label_map: dict[int, int] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -120,17 +139,50 @@ def _indexed_names(mapping: Any, key: str, path: Path) -> list[str]:
     return [by_index[i] for i in range(len(by_index))]
 
 
+def parse_label_map(items: Sequence[str]) -> dict[int, int]:
+    """``["1,2,4=1"]`` or ``["1=1", "2=1", "4=1"]`` -> {1: 1, 2: 1, 4: 1}: source label values -> dust classes.
+
+    Values the map does not name become background (0); targets must be 1..K with none skipped."""
+    mapping: dict[int, int] = {}
+    for item in items:
+        sources, sep, target = str(item).partition("=")
+        try:
+            values = [int(v) for v in sources.split(",") if v.strip()]
+            value = int(target)
+        except ValueError:
+            values, value = [], -1
+        if not sep or not values or value < 0:
+            raise ValueError(f"--label-map {item!r}: write SOURCE[,SOURCE...]=CLASS with whole numbers, e.g. 1,2,4=1")
+        for v in values:
+            if v in mapping and mapping[v] != value:
+                raise ValueError(f"--label-map: source label {v} is mapped to both {mapping[v]} and {value}")
+            mapping[v] = value
+    targets = sorted(set(mapping.values()) - {0})
+    if targets != list(range(1, len(targets) + 1)):
+        raise ValueError(f"--label-map: the classes {targets} must be 1..K with none skipped")
+    return mapping
+
+
+def _mapped_class_names(label_map: dict[int, int], names: dict[int, str]) -> list[str]:
+    """Class names after a label map: each class named by the source labels it gathers (``edema+enhancing``)."""
+    out = ["background"]
+    for target in range(1, max(label_map.values(), default=0) + 1):
+        out.append("+".join(names.get(v, str(v)) for v, t in sorted(label_map.items()) if t == target))
+    return out
+
+
 def _existing(path: Path, why: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: file not found ({why})")
     return path
 
 
-def _msd_source(root: Path) -> Source:
+def _msd_source(root: Path, mapped: bool = False) -> Source:
     path = root / "dataset.json"
     meta = _read_json(path)
     channel_names = _indexed_names(_entry(meta, "modality", path), "modality", path)
-    class_names = _indexed_names(_entry(meta, "labels", path), "labels", path)
+    labels = _entry(meta, "labels", path)
+    class_names = [] if mapped else _indexed_names(labels, "labels", path)  # mapped: named by the map
     cases = []
     for entry in _entry(meta, "training", path):
         if not (isinstance(entry, dict) and "image" in entry and "label" in entry):
@@ -150,14 +202,18 @@ def _case_id(path: Path) -> str:
     return stem
 
 
-def _nnunet_source(root: Path) -> Source:
+def _nnunet_source(root: Path, mapped: bool = False) -> Source:
     path = root / "dataset.json"
     meta = _read_json(path)
     channel_names = _indexed_names(_entry(meta, "channel_names", path), "channel_names", path)
     labels = _entry(meta, "labels", path)
-    if not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
-        raise DataError(f"{path}: 'labels' must map names to integer values (region-based labels are not supported)")
-    class_names = _indexed_names({v: k for k, v in labels.items()}, "labels", path)
+    if mapped:
+        class_names: list[str] = []  # named by the label map
+    elif not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
+        raise DataError(f"{path}: 'labels' must map names to integer values; for region-based labels (e.g. BraTS "
+                        "whole tumour) give --label-map, e.g. 1,2,4=1")
+    else:
+        class_names = _indexed_names({v: k for k, v in labels.items()}, "labels", path)
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         raise DataError(f"{path}: file_ending {ending!r}: dust reads NIfTI only ({', '.join(NIFTI_ENDINGS)})")
@@ -181,7 +237,7 @@ def _nnunet_source(root: Path) -> Source:
     return Source("nnunet", channel_names, class_names, cases)
 
 
-def _acdc_source(root: Path) -> Source:
+def _acdc_source(root: Path, mapped: bool = False) -> Source:
     images = sorted(p for p in root.rglob("patient*_frame*.nii*")
                     if (stem := nifti_stem(p)) is not None and _ACDC_FRAME.match(stem))
     if not images:
@@ -222,12 +278,28 @@ def detect_layout(root: Path) -> str:
                     "v2) or ACDC's patientXXX/patientXXX_frameYY.nii.gz")
 
 
-def read_source(root: Path, layout: str = "auto") -> Source:
+def _source_label_names(root: Path, layout: str) -> dict[int, str]:
+    """Source label value -> name, as the dataset describes them (for naming mapped classes)."""
+    if layout == "acdc":
+        return dict(enumerate(ACDC_CLASSES))
+    labels = _read_json(root / "dataset.json").get("labels", {})
+    if layout == "msd":
+        return {int(k): str(v) for k, v in labels.items() if str(k).lstrip("-").isdigit()}
+    return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+
+
+def read_source(root: Path, layout: str = "auto", label_map: dict[int, int] | None = None) -> Source:
+    """The cases of a source dataset; with ``label_map`` its labels need not be 0..K-1 (they are mapped)."""
     layout = detect_layout(root) if layout == "auto" else layout
     readers = {"msd": _msd_source, "nnunet": _nnunet_source, "acdc": _acdc_source}
     if layout not in readers:
         raise ValueError(f"unknown layout {layout!r}; choose auto or one of {LAYOUTS}")
-    return readers[layout](root)
+    source = readers[layout](root, bool(label_map))
+    if not label_map:
+        return source
+    source.label_map = dict(label_map)
+    source.class_names = _mapped_class_names(label_map, _source_label_names(root, layout))
+    return source
 
 
 def resolve_modalities(spec: Sequence[str] | None, channel_names: list[str]) -> list[int] | None:
@@ -323,6 +395,27 @@ def read_splits(path: Path, cases: list[SourceCase]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def _case_label(case: SourceCase, source: Source, reference: Any) -> np.ndarray:
+    """The case's label (X, Y, Z) uint8 on its image's voxel grid (refused otherwise), through the label map."""
+    assert case.label is not None
+    shape = tuple(reference.shape[:3])
+    if source.label_map is None:
+        label = read_label(case.label, len(source.class_names), shape, case.images[0])
+    else:
+        raw, _ = read_label_map(case.label)
+        if raw.shape != shape:
+            raise DataError(f"{case.label}: label shape {raw.shape} does not match the image shape {shape} of "
+                            f"{case.images[0]}")
+        label = np.zeros(raw.shape, dtype=np.uint8)
+        for value, target in source.label_map.items():
+            label[raw == value] = target
+        unmapped = sorted({int(v) for v in np.unique(raw)} - set(source.label_map) - {0})
+        if unmapped:
+            log.info("%s: label value(s) %s are not in --label-map and become background", case.label, unmapped)
+    check_same_grid(load_nifti(case.label), case.label, reference, case.images[0])
+    return label
+
+
 def _write_case(
     case: SourceCase, split: str, data_dir: Path, source: Source, modalities: list[int] | None,
     intensity_norm: str, slice_axis: int,
@@ -333,11 +426,7 @@ def _write_case(
                         f"{len(source.channel_names)} ({', '.join(source.channel_names)})")
     if modalities is not None:
         channels = channels[modalities]
-    label = None
-    if case.label is not None:
-        label = read_label(case.label, len(source.class_names), channels.shape[1:], case.images[0])
-        if not np.allclose(load_nifti(case.label).affine, reference.affine, atol=1e-3):
-            log.warning("%s: affine differs from its image's %s; the image's is kept", case.label, case.images[0])
+    label = None if case.label is None else _case_label(case, source, reference)
     image, stats = normalize(channels, intensity_norm, case.images[0])
     image = to_stored(image, slice_axis)  # (C, S, H, W)
     if image.shape[0] == 1:
@@ -382,8 +471,14 @@ def prepare_dataset(
     splits_file: Path | None = None,
     unlabeled_dirs: Sequence[Path] = (),
     progress: bool = True,
+    dims: int = 2,
+    volume_options: VolumeOptions | None = None,
+    label_map: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """Convert ``source_dir`` into dust's layout under ``out_dir``; returns the dataset record.
+
+    ``dims`` 2: training slices (:mod:`dust.data.ssl4mis`'s layout, for a 2D model); 3: one chunked file per case,
+    resampled to a planned spacing, with a plan for a 3D model (:mod:`dust.data.volumes`, ``volume_options``).
 
     Nothing is left behind on error: the dataset is written into a sibling folder and moved into place at
     the end. ``out_dir`` may hold an earlier prepared dataset (it is replaced), not other files.
@@ -391,7 +486,12 @@ def prepare_dataset(
     if intensity_norm not in INTENSITY_NORMS:
         raise ValueError(f"intensity normalisation must be one of {INTENSITY_NORMS}, got {intensity_norm!r}")
     stored_axes(slice_axis)  # validates
-    source = read_source(source_dir, layout)
+    if dims not in (2, 3):
+        raise ValueError(f"--dims {dims}: 2 (slices for a 2D model) or 3 (volumes for a 3D model)")
+    if dims == 2 and intensity_norm in ("ct", "zscore_nonzero"):
+        raise ValueError(f"--norm {intensity_norm} is for --dims 3 (2D slices are normalised per case: minmax or "
+                         "zscore)")
+    source = read_source(source_dir, layout, label_map)
     for folder in unlabeled_dirs:
         source.cases += _image_folder_cases(Path(folder))
     duplicated = sorted(cid for cid, n in Counter(c.case_id for c in source.cases).items() if n > 1)
@@ -405,10 +505,14 @@ def prepare_dataset(
                               "choose another --out")
     staging = out_dir.parent / f".{out_dir.name}.preparing"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "data").mkdir(parents=True)
+    (staging / ("data" if dims == 2 else CASES)).mkdir(parents=True)
     try:
-        record = _write_dataset(source, source_dir, out_dir, staging, splits, picked, intensity_norm, slice_axis,
-                                seed, progress)
+        if dims == 2:
+            record = _write_dataset(source, source_dir, out_dir, staging, splits, picked, intensity_norm,
+                                    slice_axis, seed, progress)
+        else:
+            record = _write_dataset_3d(source, source_dir, out_dir, staging, splits, picked, intensity_norm,
+                                       slice_axis, seed, progress, volume_options or VolumeOptions())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -448,7 +552,7 @@ def _write_dataset(
     record = {
         "format": "dust-prepared-dataset", "version": 1, "source": str(source_dir.resolve()),
         "layout": source.layout, "channel_names": channel_names,
-        **{k: data_keys[k] for k in ("class_names", *RECORDED_KEYS)},
+        **{k: data_keys.get(k, _RECORDED_BEFORE.get(k)) for k in ("class_names", *RECORDED_KEYS)},
         "splits": {k: len(v) for k, v in splits.items()}, "seed": seed, "cases": cases,
     }
     (staging / DATASET_FILE).write_text(json.dumps(record, indent=1))
@@ -461,13 +565,173 @@ def _write_dataset(
     return record
 
 
+# ---------------------------------------------------------------------------------------------- 3D datasets
+@dataclass
+class VolumeOptions:
+    """``dust prepare --dims 3``: what is planned and how (:mod:`dust.data.plan`)."""
+
+    spacing: Sequence[float] | None = None  # target spacing in mm, in the file's (x, y, z) order; None: planned
+    window: Sequence[float] | None = None  # --norm ct: a fixed clip window in HU instead of the percentiles
+    patch_size: Sequence[int] | None = None  # (S, H, W); None: planned from the median shape and patch_voxels
+    patch_voxels: int = DEFAULT_PATCH_VOXELS
+    crop_nonzero: bool = True
+    network_step: int = 16  # the VNet halves each axis 4 times
+
+
+def _read_case_3d(case: SourceCase, source: Source, modalities: list[int] | None,
+                  prep: Preprocessing) -> tuple[np.ndarray, np.ndarray | None, Any, tuple[tuple[int, int], ...]]:
+    """(image (C, S, H, W) cropped, unnormalised; label (S, H, W) or None; the reference image; the crop box)."""
+    channels, reference = read_channels(case.images, None)
+    if len(channels) != len(source.channel_names):
+        raise DataError(f"{case.images[0]}: {len(channels)} channel(s), but the dataset's images have "
+                        f"{len(source.channel_names)} ({', '.join(source.channel_names)})")
+    if modalities is not None:
+        channels = channels[modalities]
+    stored = to_stored(channels.astype(np.float32), prep.slice_axis)
+    box = nonzero_box(stored, str(case.images[0])) if prep.crop_nonzero else tuple((0, n) for n in stored.shape[1:])
+    window = tuple(slice(a, b) for a, b in box)
+    label = None if case.label is None else to_stored(_case_label(case, source, reference), prep.slice_axis)[window]
+    return stored[(slice(None), *window)], label, reference, box
+
+
+def _fingerprint(chosen: list[SourceCase], split_of: dict[str, str], source: Source, modalities: list[int] | None,
+                 prep: Preprocessing, need_foreground: bool, seed: int, progress: bool) -> dict[str, Any]:
+    """Spacing and cropped shape (S, H, W) of every case, and foreground intensity samples of the labelled
+    training cases (for ``--norm ct``): a first pass over the data, as nnU-Net's fingerprint."""
+    rng = np.random.default_rng(seed)
+    spacing, shape, samples = {}, {}, []
+    for case in tqdm(chosen, desc="fingerprint", unit="case", disable=None if progress else True):
+        image, label, reference, box = _read_case_3d(case, source, modalities, prep)
+        zooms = spacing_of(reference)
+        spacing[case.case_id] = [float(zooms[a]) for a in stored_axes(prep.slice_axis)]
+        shape[case.case_id] = [b - a for a, b in box]
+        if need_foreground and label is not None and split_of[case.case_id] == "labeled":
+            samples.append(sample_foreground(image, label, rng))
+    return {"spacing": spacing, "shape": shape, "samples": samples}
+
+
+def _write_dataset_3d(
+    source: Source, source_dir: Path, out_dir: Path, staging: Path, splits: dict[str, list[str]],
+    modalities: list[int] | None, intensity_norm: str, slice_axis: int, seed: int, progress: bool,
+    opts: VolumeOptions,
+) -> dict[str, Any]:
+    split_of = {cid: split for split, ids in splits.items() for cid in ids}
+    chosen = [c for c in source.cases if c.case_id in split_of]
+    prep = Preprocessing(intensity_norm, None, slice_axis, modalities, opts.crop_nonzero)
+    facts = _fingerprint(chosen, split_of, source, modalities, prep, intensity_norm == "ct", seed, progress)
+    training = [cid for split in ("labeled", "unlabeled") for cid in splits[split]]
+    odd = outlier_spacings(training, [facts["spacing"][c] for c in training])
+    if odd:
+        log.warning("%d case(s) have a spacing far from the dataset's median and are resampled like the others: %s",
+                    len(odd), ", ".join(odd[:5]) + (" ..." if len(odd) > 5 else ""))
+    axes = stored_axes(slice_axis)
+    if opts.spacing is not None:
+        given = [float(v) for v in opts.spacing] * (3 if len(opts.spacing) == 1 else 1)
+        if len(given) != 3 or min(given) <= 0:
+            raise ValueError(f"--spacing {list(opts.spacing)}: one number (isotropic) or three (x y z, mm), positive")
+        target = [given[a] for a in axes]
+    else:
+        target = target_spacing([facts["spacing"][c] for c in training], [facts["shape"][c] for c in training])
+    stats = None
+    if intensity_norm == "ct":
+        stats = ct_statistics(facts["samples"], opts.window)
+    elif opts.window is not None:
+        raise ValueError("--window is the clip window of --norm ct; give --norm ct with it")
+    prep = Preprocessing(intensity_norm, stats, slice_axis, modalities, opts.crop_nonzero)
+    grids = {c: spacing_grid(facts["shape"][c], facts["spacing"][c], target) for c in training}
+    median_shape = np.median(np.asarray(list(grids.values()), dtype=np.float64), axis=0)
+    patch = list(opts.patch_size) if opts.patch_size else plan_patch(median_shape, opts.network_step,
+                                                                      opts.patch_voxels)
+    (staging / CASES).mkdir(parents=True, exist_ok=True)
+    cases = {}
+    for case in tqdm(chosen, desc="prepare", unit="case", disable=None if progress else True):
+        split = split_of[case.case_id]
+        image, label, reference, box = _read_case_3d(case, source, modalities, prep)
+        image, norm_stats = normalize(image, intensity_norm, case.images[0], stats)
+        spacing = facts["spacing"][case.case_id]
+        full_shape = [int(reference.shape[a]) for a in axes]
+        attrs: dict[str, Any] = {"case_id": case.case_id, "slice_axis": slice_axis}
+        if split in ("labeled", "unlabeled"):  # stored at the target spacing: what training crops
+            size, separate = grids[case.case_id], separate_axis(spacing)
+            image = resample_to(torch.from_numpy(image)[None], size, separate)[0].numpy()
+            if label is not None:
+                label = resample_label_to(torch.from_numpy(label), size, separate).numpy()
+            attrs["spacing"] = list(target)
+        else:  # stored at its own resolution, with the geometry back to the source: what is scored
+            attrs.update(spacing=spacing, affine=reference.affine, crop_box=np.asarray(box), full_shape=full_shape)
+        _write_volume(staging / CASES / f"{case.case_id}.h5", image, label, attrs, seed)
+        cases[case.case_id] = {
+            "patient": case.patient, "split": split, "images": [str(p) for p in case.images],
+            "label": None if case.label is None else str(case.label), "shape": list(reference.shape[:3]),
+            "spacing": list(spacing_of(reference)), "affine": reference.affine.tolist(), "stored_axes": list(axes),
+            "crop_box": [list(b) for b in box], "stored_shape": list(image.shape[1:]), "normalisation": norm_stats,
+        }
+    (staging / "train.list").write_text("".join(f"{c}\n" for c in training))
+    for split in ("val", "test"):
+        if splits[split]:
+            (staging / f"{split}.list").write_text("".join(f"{cid}\n" for cid in splits[split]))
+    (staging / "splits.json").write_text(json.dumps({"seed": seed, **splits}, indent=1))
+    in_channels = len(modalities) if modalities is not None else len(source.channel_names)
+    data_keys = {
+        "dataset": "prepared_3d", "data_dir": str(out_dir.resolve()), "in_channels": in_channels,
+        "num_classes": len(source.class_names), "class_names": source.class_names,
+        "labeled_patients": len({patient_of(c) for c in splits["labeled"]}),
+        "intensity_norm": intensity_norm, "intensity_stats": stats, "crop_nonzero": opts.crop_nonzero,
+        "target_spacing": target, "slice_axis": slice_axis, "modalities": modalities,
+    }
+    plan_keys = {  # the network and patch of the 3D papers dust carries (Yu et al.'s VNet), sized by the plan
+        "model": "vnet", "upsample": "deconv", "dropout": [0.0, 0.0, 0.0, 0.0, 0.5], "patch_size": patch,
+        "spatial_policy": "crop", "augment_rotate_deg": 0.0, "foreground_oversample": 0.33,
+        "batch_size": 2, "unlabeled_batch_size": 2,
+        "run_dir": f"runs/{out_dir.name}/{{method}}_{{labeled_patients}}p_seed{{seed}}",
+    }
+    channel_names = [source.channel_names[i] for i in (modalities or range(len(source.channel_names)))]
+    record = {
+        "format": "dust-prepared-dataset", "version": 2, "dims": 3, "source": str(source_dir.resolve()),
+        "layout": source.layout, "channel_names": channel_names,
+        **{k: data_keys[k] for k in ("class_names", *RECORDED_KEYS)}, "label_map": source.label_map,
+        "plan": {"median_shape": [float(m) for m in median_shape], **plan_keys},
+        "splits": {k: len(v) for k, v in splits.items()}, "seed": seed, "cases": cases,
+    }
+    (staging / DATASET_FILE).write_text(json.dumps(record, indent=1))
+    (staging / CONFIG_FILE).write_text(
+        f"# written by `dust prepare --dims 3` for {source_dir}: the data keys and the plan (network, patch at the\n"
+        f"# target spacing, median shape {[round(float(m)) for m in median_shape]}). Add a method and a budget, e.g.\n"
+        f"#   dust train --config {out_dir / CONFIG_FILE} --set method=mcf --set iterations=4000\n"
+        + yaml.safe_dump({**data_keys, **plan_keys}, sort_keys=False))
+    log.info("prepared %s (%s, 3D): %s cases at %s mm (S, H, W), patch %s -> %s", source_dir, source.layout,
+           {k: len(v) for k, v in splits.items()}, target, patch, out_dir)
+    return record
+
+
+# Foreground coordinates kept per case for oversampling without reading the label (nnU-Net keeps 10k per class).
+MAX_FOREGROUND_VOXELS = 200_000
+
+
+def _write_volume(path: Path, image: np.ndarray, label: np.ndarray | None, attrs: dict[str, Any], seed: int) -> None:
+    """One case in chunks (a training crop reads a few chunks, never the volume); image uncompressed for speed."""
+    chunks = (1, *(min(n, c) for n, c in zip(image.shape[1:], (16, 32, 32), strict=True)))
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image.astype(np.float32), chunks=chunks)
+        if label is not None:
+            f.create_dataset("label", data=label.astype(np.uint8), chunks=chunks[1:], compression="lzf")
+            foreground = np.argwhere(label > 0).astype(np.int32)
+            if len(foreground) > MAX_FOREGROUND_VOXELS:
+                keep = np.random.default_rng(seed).choice(len(foreground), MAX_FOREGROUND_VOXELS, replace=False)
+                foreground = foreground[np.sort(keep)]
+            f.create_dataset("foreground", data=foreground.reshape(-1, 3))
+        f.attrs.update(attrs)
+
+
+
 def check_prepared(cfg: dict[str, Any], root: Path) -> None:
     """Refuse a config whose input keys differ from how ``dust prepare`` made the dataset at ``root``."""
     path = root / DATASET_FILE
     if not path.is_file():
         return
     meta = _read_json(path)
-    wrong = [f"{k}={cfg[k]!r} (prepared with {meta.get(k)!r})" for k in RECORDED_KEYS if cfg[k] != meta.get(k)]
+    wrong = [f"{k}={cfg[k]!r} (prepared with {meta.get(k, _RECORDED_BEFORE.get(k))!r})" for k in RECORDED_KEYS
+             if cfg[k] != meta.get(k, _RECORDED_BEFORE.get(k))]
     if wrong:
         raise DataError(f"{path}: the config does not match how this dataset was prepared: {', '.join(wrong)}; "
                         f"use the data keys of {root / CONFIG_FILE}")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dust.data.transforms import augment_crop, augment_pair
-from dust.data.types import ItemSet
+from dust.data.types import ItemSet, as_tensor
 
 
 class _Stream:
@@ -106,7 +106,8 @@ class TwoStreamSampler:
         for i in idx.tolist():
             label = None if labels is None else labels[i]
             if self.spatial_policy == "resize":
-                x, y = augment_pair(pool.images[i], label, patch_size, self.generator, self.rot_flip,
+                label = None if label is None else as_tensor(label)
+                x, y = augment_pair(as_tensor(pool.images[i]), label, patch_size, self.generator, self.rot_flip,
                                     self.rotate_deg, self.interpolation)
             else:
                 x, y = augment_crop(pool.images[i], label, patch_size, self.generator, self.rot_flip,

@@ -17,8 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dust.data.types import Item, StoredArray, as_tensor
 
 INTERPOLATIONS = ("bilinear", "nearest")
 
@@ -95,8 +98,8 @@ def _resample(
 
 
 def augment_crop(
-    image: torch.Tensor,
-    label: torch.Tensor | None,
+    image: Item,
+    label: Item | None,
     patch_size: Sequence[int],
     generator: torch.Generator,
     rot_flip: bool = True,
@@ -116,22 +119,32 @@ def augment_crop(
     With ``foreground_oversample`` p and a label holding foreground, a share p of crops is centred on a random
     foreground voxel (clamped to the item), as nnU-Net oversamples foreground; the others start uniformly.
     image (C, *spatial), label (*spatial) or None -> image (C, *patch), label (*patch) int64 or None.
+
+    Only the crop is read: the window is planned on the rotated, flipped and padded item's shape and mapped back
+    onto the item, so an item stored on disk (:class:`~dust.data.types.StoredArray`) is read one box at a time, with
+    the same draws and the same result as an item in memory. A small rotation resamples the whole plane, so with
+    one the item is read whole.
     """
+    k = axis = 0
     if rot_flip:
         k = int(torch.randint(0, 4, (), generator=generator))
         axis = int(torch.randint(1, 3, (), generator=generator))
-        image, label = _rot_flip(image, label, k, axis)
     if rotate_deg > 0 and torch.rand((), generator=generator) < 0.5:
         angle = float((torch.rand((), generator=generator) * 2 - 1) * rotate_deg)
+        image, label = as_tensor(image), None if label is None else as_tensor(label)
+        if rot_flip:
+            image, label = _rot_flip(image, label, k, axis)
         image, label = _resample(image, label, tuple(image.shape[1:]), angle, interpolation)
-    if margin is not None and any(margin):
-        pads = [v for m in reversed(margin) for v in (m, m)]  # F.pad: last axis first
-        image, label = F.pad(image, pads), None if label is None else F.pad(label, pads)
-    image, label = pad_to(image, label, patch_size)
-    size = image.shape[1:]
+        k = axis = 0  # done
+    plan = _InPlane(tuple(image.shape[1:]), k, axis)
+    margin = tuple(margin) if margin is not None else (0,) * len(patch_size)
+    # the item's spatial shape after rot90, margin and padding to the patch, and where the item starts in it
+    rotated = plan.rotated_shape
+    size = [max(s + 2 * m, p) for s, m, p in zip(rotated, margin, patch_size, strict=True)]
+    offset = [m + max(p - s - 2 * m, 0) // 2 for s, m, p in zip(rotated, margin, patch_size, strict=True)]
     centre = None
     if label is not None and foreground_oversample > 0 and torch.rand((), generator=generator) < foreground_oversample:
-        foreground = torch.nonzero(label > 0)
+        foreground = plan.foreground(label, offset)
         if len(foreground):
             centre = foreground[int(torch.randint(0, len(foreground), (), generator=generator))].tolist()
     if centre is None:
@@ -139,9 +152,71 @@ def augment_crop(
                                                                                               strict=True)]
     else:
         starts = [min(max(c - p // 2, 0), s - p) for c, s, p in zip(centre, size, patch_size, strict=True)]
-    window = tuple(slice(b, b + p) for b, p in zip(starts, patch_size, strict=True))
-    image = image[(slice(None), *window)].contiguous().float()
-    return image, None if label is None else label[window].contiguous().long()
+    window = [(b - o, b - o + p) for b, o, p in zip(starts, offset, patch_size, strict=True)]
+    out = plan.window(image, window).contiguous().float()
+    return out, None if label is None else plan.window(label, window).contiguous().long()
+
+
+class _InPlane:
+    """rot90 by ``k`` in the (H, W) plane then a flip along in-plane axis ``flip`` (1: H, 2: W; 0: none), as
+    coordinate maps, so a window of the rotated item is read as a box of the item and rotated alone."""
+
+    def __init__(self, spatial: tuple[int, ...], k: int, flip: int) -> None:
+        self.spatial, self.k, self.flip = spatial, k % 4, flip
+        h, w = spatial[-2:]
+        self.rotated_shape = (*spatial[:-2], *((w, h) if self.k % 2 else (h, w)))
+
+    def _to_item(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rotated-frame in-plane coordinates -> the item's (torch.rot90's definition, flip undone first)."""
+        h, w = self.spatial[-2:]
+        n0, n1 = self.rotated_shape[-2:]
+        i, j = (n0 - 1 - i if self.flip == 1 else i), (n1 - 1 - j if self.flip == 2 else j)
+        return {0: (i, j), 1: (j, w - 1 - i), 2: (h - 1 - i, w - 1 - j), 3: (h - 1 - j, i)}[self.k]
+
+    def _to_rotated(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = self.spatial[-2:]
+        n0, n1 = self.rotated_shape[-2:]
+        i, j = {0: (a, b), 1: (w - 1 - b, a), 2: (h - 1 - a, w - 1 - b), 3: (b, h - 1 - a)}[self.k]
+        return (n0 - 1 - i if self.flip == 1 else i), (n1 - 1 - j if self.flip == 2 else j)
+
+    def window(self, item: Item, window: list[tuple[int, int]]) -> torch.Tensor:
+        """The box ``window`` ([start, stop) per spatial axis, in the rotated frame, zeros beyond the item)."""
+        (i0, i1), (j0, j1) = window[-2:]
+        a, b = self._to_item(np.array([i0, i1 - 1]), np.array([j0, j1 - 1]))
+        box = [*(slice(lo, hi) for lo, hi in window[:-2]), slice(int(a.min()), int(a.max()) + 1),
+               slice(int(b.min()), int(b.max()) + 1)]
+        if isinstance(item, StoredArray):
+            part = item.read(tuple(box))
+        else:
+            part = _zero_filled_box(item, box)
+        part = torch.rot90(part, self.k, (-2, -1)) if self.k else part
+        return torch.flip(part, (part.dim() - 3 + self.flip,)) if self.flip else part
+
+    def foreground(self, label: Item, offset: list[int]) -> np.ndarray:
+        """Labelled voxels in the rotated, padded frame, in the order ``torch.nonzero`` lists them there."""
+        if isinstance(label, StoredArray):
+            coords = label.foreground if label.foreground is not None else torch.nonzero(label.load() > 0).numpy()
+        else:
+            coords = torch.nonzero(label > 0).numpy()
+        coords = np.array(coords, dtype=np.int64).reshape(-1, len(self.spatial))
+        if not len(coords):
+            return coords
+        i, j = self._to_rotated(coords[:, -2], coords[:, -1])
+        coords = np.concatenate([coords[:, :-2], i[:, None], j[:, None]], axis=1) + np.asarray(offset)
+        return coords[np.lexsort(coords.T[::-1])]
+
+
+def _zero_filled_box(array: torch.Tensor, box: list[slice]) -> torch.Tensor:
+    """``array[..., box]`` with zeros where the box leaves the array."""
+    lead = array.dim() - len(box)
+    inside = [slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, array.shape[lead:], strict=True)]
+    if all(s.start == b.start and s.stop == b.stop for s, b in zip(inside, box, strict=True)):
+        return array[(Ellipsis, *box)]
+    out = array.new_zeros((*array.shape[:lead], *(b.stop - b.start for b in box)))
+    if all(s.start < s.stop for s in inside):
+        target = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inside, box, strict=True))
+        out[(Ellipsis, *target)] = array[(Ellipsis, *inside)]
+    return out
 
 
 def pad_to(image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int]):
@@ -230,3 +305,54 @@ def cut_mix(batch: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     labels or probabilities of the same layout, so an image and its pseudo-label are mixed identically."""
     box = box.view((1,) * (batch.dim() - box.dim()) + tuple(box.shape))
     return torch.where(box, batch.roll(-1, dims=0), batch)
+
+
+# ---------------------------------------------------------------------------------------------- spacing
+# nnU-Net's rule: a case whose coarsest voxel axis is more than 3x its finest is resampled in-plane only along the
+# other axes, and with nearest neighbour across the coarse axis, so thick slices are not blurred into each other.
+ANISOTROPY_RATIO = 3.0
+
+
+def separate_axis(spacing: Sequence[float]) -> int | None:
+    """The coarse axis resampled on its own (nearest), or None when the case is close enough to isotropic."""
+    spacing = [float(s) for s in spacing]
+    return int(np.argmax(spacing)) if max(spacing) > ANISOTROPY_RATIO * min(spacing) else None
+
+
+def spacing_grid(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """The grid of a case of ``shape`` at ``spacing`` resampled to ``target`` spacing (at least one voxel per axis)."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
+
+
+def resample_to(x: torch.Tensor, size: Sequence[int], separate: int | None = None) -> torch.Tensor:
+    """(B, C, *spatial) float -> (B, C, *size): linear, or, with ``separate`` (a spatial axis), linear across the
+    other axes and nearest along that one. The one resampling of images and probabilities between a case's grid
+    and a planned spacing (``dust prepare --dims 3``, evaluation, ``dust predict``)."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x.float()
+    if separate is None or x.dim() != 5:
+        return resize_image(x, size, "bilinear")
+    axis = 2 + separate
+    moved = x.float().movedim(axis, 2)  # (B, C, D, P, Q): D the coarse axis
+    plane = [s for i, s in enumerate(size) if i != separate]
+    b, c, d = moved.shape[:3]
+    flat = F.interpolate(moved.reshape(b, c * d, *moved.shape[3:]), size=tuple(plane), mode="bilinear",
+                         align_corners=False).reshape(b, c, d, *plane)
+    flat = F.interpolate(flat, size=(size[separate], *plane), mode="nearest")
+    return flat.movedim(2, axis).contiguous()
+
+
+def resample_label_to(label: torch.Tensor, size: Sequence[int], separate: int | None = None) -> torch.Tensor:
+    """(*spatial) integer -> (*size) uint8: each class present resampled as a mask with :func:`resample_to`, the
+    class of largest value kept (nnU-Net's way), so boundaries are smooth and no class is invented."""
+    size = tuple(int(s) for s in size)
+    if tuple(label.shape) == size:
+        return label.to(torch.uint8)
+    best = torch.full(size, -1.0)
+    out = torch.zeros(size, dtype=torch.uint8)
+    for value in torch.unique(label).tolist():
+        mask = resample_to((label == value).float()[None, None], size, separate)[0, 0]
+        better = mask > best
+        out[better], best = value, torch.where(better, mask, best)
+    return out

@@ -38,14 +38,60 @@ def patient_of(case_id: str) -> str:
     return m.group(1) if m else case_id
 
 
+class StoredArray:
+    """An array that stays on disk (one dataset of an h5 file) and is read box by box: a training item of a
+    prepared 3D dataset, or its label, so a dataset larger than memory trains (:mod:`dust.data.volumes`).
+
+    It answers what the sampler and the checks ask of an in-memory item (``shape``, ``dim()``); :meth:`read` gives a
+    box of it, zero-filled where the box leaves the array (the padding a crop at the border needs), and
+    :func:`as_tensor` the whole array. ``foreground`` (label only): (N, ndim) voxel coordinates of labelled
+    voxels, recorded by ``dust prepare``, for foreground oversampling without reading the label.
+    """
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype,
+                 foreground: np.ndarray | None = None) -> None:
+        self.path, self.key, self.shape, self.dtype = path, key, tuple(int(s) for s in shape), np.dtype(dtype)
+        self.foreground = foreground
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def read(self, box: tuple[slice, ...]) -> torch.Tensor:
+        """The box (one slice per trailing axis, ``start < stop``, any of them beyond the array) as a tensor."""
+        lead = len(self.shape) - len(box)
+        size = [*self.shape[:lead], *(b.stop - b.start for b in box)]
+        out = np.zeros(size, dtype=self.dtype)
+        inside = [slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, self.shape[lead:], strict=True)]
+        if all(s.start < s.stop for s in inside):
+            target = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inside, box, strict=True))
+            try:
+                with h5py.File(self.path, "r") as f:
+                    out[(Ellipsis, *target)] = f[self.key][(Ellipsis, *inside)]
+            except (OSError, KeyError) as err:
+                raise DataError(f"{self.path}: cannot read {self.key!r} ({err})") from None
+        return torch.from_numpy(out)
+
+    def load(self) -> torch.Tensor:
+        return self.read(tuple(slice(0, n) for n in self.shape))
+
+
+Item = torch.Tensor | StoredArray
+
+
+def as_tensor(item: Item) -> torch.Tensor:
+    """A training item (or label) in memory, reading it from disk when it is a :class:`StoredArray`."""
+    return item.load() if isinstance(item, StoredArray) else item
+
+
 @dataclass
 class ItemSet:
-    """Training items held in memory, each ``(C, *spatial)``. ``labels`` is None for the unlabelled pool."""
+    """Training items, each ``(C, *spatial)``: tensors in memory, or :class:`StoredArray` s read crop by crop.
+    ``labels`` is None for the unlabelled pool."""
 
     ids: list[str]
     patients: list[str]
-    images: list[torch.Tensor]  # each (C, *spatial) float32
-    labels: list[torch.Tensor] | None = None  # each (*spatial) uint8
+    images: list[Item]  # each (C, *spatial) float32
+    labels: list[Item] | None = None  # each (*spatial) uint8
     # Set by self-training methods: fixed pseudo-labels on each item's grid, augmented together with their image.
     pseudo_labels: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -69,6 +115,10 @@ class Volume:
     @property
     def patient(self) -> str:
         return patient_of(self.case_id)
+
+    @property
+    def channels(self) -> int:
+        return int(self.image.shape[0])
 
 
 def read_list(path: Path) -> list[str]:

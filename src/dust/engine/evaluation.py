@@ -34,10 +34,12 @@ def evaluate_volumes(
     predictor = Predictor.from_config(cfg, device)
     per_case = []
     for vol in volumes:
-        if vol.label is None:
+        label = vol.label  # read once (a stored volume reads it from disk)
+        if label is None:
             raise ValueError(f"volume {vol.case_id} has no label to evaluate against")
-        pred = predictor.segment(method, vol.image).label.numpy().astype(np.uint8)  # on the label's own grid
-        per_case.append(case_metrics(pred, vol.label, class_names, vol.spacing, distances=distances,
+        # on the label's own grid
+        pred = predictor.segment(method, vol.image, spacing=vol.spacing).label.numpy().astype(np.uint8)
+        per_case.append(case_metrics(pred, label, class_names, vol.spacing, distances=distances,
                                      empty_mask_policy=cfg["empty_mask_policy"]))
     return per_case, summarize(per_case, cfg["empty_mask_policy"])
 

@@ -25,13 +25,13 @@ from dust.data.nifti import (
     InputCase,
     find_input_cases,
     nifti_stem,
-    read_input_case,
     read_label_map,
     spacing_of,
     visible_files,
     write_stored,
 )
 from dust.data.prepare import RECORDED_KEYS
+from dust.data.preprocess import Preprocessing, read_input_case
 from dust.data.types import DataError
 from dust.inference import Predictor
 from dust.methods import Method
@@ -69,10 +69,16 @@ def _progress(cases: list[InputCase], desc: str, enabled: bool) -> tqdm:
 
 
 def _read_case(case: InputCase, cfg: dict[str, Any]):
-    image, grid = read_input_case(case, cfg["modalities"], cfg["intensity_norm"], cfg["slice_axis"])
+    image, grid = read_input_case(case, Preprocessing.from_config(cfg))
     if image.shape[0] != cfg["in_channels"]:
         raise DataError(f"{case.paths[0]}: {image.shape[0]} input channel(s) (modalities {cfg['modalities']}), but "
                         f"the model takes in_channels={cfg['in_channels']}")
+    trained = cfg["target_spacing"] or cfg["spacing"]
+    if trained is not None and grid.spacing is not None and cfg["target_spacing"] is None and not np.allclose(
+            grid.spacing, trained, rtol=0.25):
+        log.warning("%s: voxel size %s mm (S, H, W) differs from the %s mm this model was trained at, and the model "
+                    "does not resample (no target_spacing): expect a worse segmentation", case.paths[0],
+                    [round(s, 3) for s in grid.spacing], list(trained))
     return image, grid
 
 
@@ -93,7 +99,7 @@ def predict_cases(
         except DataError as err:
             failed.append(str(err))
             continue
-        segmentation = predictor.segment(method, image, uncertainty)
+        segmentation = predictor.segment(method, image, uncertainty, spacing=grid.spacing)
         path = out_dir / f"{case.case_id}{case.ending}"
         write_stored(grid, segmentation.label.numpy().astype(np.uint8), np.uint8, path)
         written.append(path)
@@ -129,9 +135,10 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
     region = cfg.get("sample_uncertainty_region", "image")  # as the run ranked its pool
     rows = []
     for case in _progress(find_input_cases(input_path), "rank", progress):
-        image, _ = _read_case(case, cfg)
+        image, grid = _read_case(case, cfg)
         # (K checkpoints, classes, S, H, W) on the case's grid
-        probs = torch.stack([predictor.case(lambda x, m=m: (m.predict(x),), image)[0] for m, predictor in predictors])
+        probs = torch.stack([predictor.case(lambda x, m=m: (m.predict(x),), image, grid.spacing)[0]
+                             for m, predictor in predictors])
         volume = sample_uncertainty(probs[:, None], region)[0]  # the mean over all (or all foreground) voxels
         per_slice = sample_uncertainty(probs.transpose(1, 2), region)  # inf: no foreground on a slice
         rows.append({"case": case.case_id, "uncertainty": float(volume), "slices": len(per_slice),

@@ -16,7 +16,7 @@ import numpy as np
 
 from dust import __version__
 from dust.config import resolve_data_dir
-from dust.data import la, load_split
+from dust.data import la, load_split, volumes
 from dust.data.ssl4mis import load_slices
 from dust.data.types import DataError, Volume
 from dust.report import figures
@@ -173,7 +173,7 @@ class ReportBuilder:
             "slices are the ones worth annotating next.</p>",
             _img(figures.sample_uncertainty_histogram(rows), "sample uncertainty histogram"),
         ]
-        kind = "volumes (middle axial slice)" if run.cfg["dataset"] == "la_h5" else "slices"
+        kind = "volumes (middle axial slice)" if len(run.cfg["patch_size"]) == 3 else "slices"
         ordered = sorted(rows, key=lambda r: r.rank)
         ends = [("easiest", ordered[:THUMBNAILS]), ("hardest", ordered[-THUMBNAILS:][::-1])]
         root = resolve_data_dir(run.cfg["data_dir"])
@@ -268,6 +268,8 @@ def unlabelled_thumbnails(cfg: dict, root: Path, ids: list[str]) -> list[np.ndar
     if cfg["dataset"] == "la_h5":
         images = [la.read_case(root, case_id, cfg, with_label=False)[0] for case_id in ids]
         return [image[0, image.shape[1] // 2] for image in images]
+    if cfg["dataset"] == "prepared_3d":
+        return [volumes.middle_slice(root, case_id) for case_id in ids]
     return [image[0].numpy() for image in load_slices(root, ids, False, int(cfg["num_classes"])).images]
 
 

@@ -53,20 +53,22 @@ class SlicePredictor:
         self.predictor = Predictor.from_config(self.cfg, pick_device(self.cfg["device"]))
 
     def predict(self, volume: Volume, slices: list[int]) -> list[SlicePrediction]:
-        if volume.label is None:
+        image_all, label = volume.image, volume.label  # read once (a stored volume reads them from disk)
+        if label is None:
             raise ValueError(f"volume {volume.case_id} has no label to show")
         for net in self.method.networks.values():
             net.eval()
         # a 2D model predicts each slice on its own; a 3D one needs the whole volume
         three_d = self.predictor.spatial_dims == 3
-        image = volume.image if three_d else volume.image[:, slices]
-        segmentation = self.predictor.segment(self.method, image, uncertainty=True)
+        image = image_all if three_d else image_all[:, slices]
+        segmentation = self.predictor.segment(self.method, image, uncertainty=True,
+                                              spacing=volume.spacing if three_d else None)
         prediction, uncertainty = segmentation.label, segmentation.uncertainty
         if three_d:
             prediction, uncertainty = prediction[slices], uncertainty[slices]
         prediction, name = prediction.numpy(), segmentation.uncertainty_name
         return [
-            SlicePrediction(volume.case_id, s, volume.image[0, s], volume.label[s], prediction[j],
+            SlicePrediction(volume.case_id, s, image_all[0, s], label[s], prediction[j],
                             uncertainty[j].numpy(), name)
             for j, s in enumerate(slices)
         ]

@@ -1,0 +1,141 @@
+"""How a scan becomes model input, the same at ``dust prepare`` and at ``dust predict``, and the way back.
+
+A scan (C, X, Y, Z) from NIfTI is put in dust's (C, S, H, W) axis order (:func:`dust.data.nifti.to_stored`), cropped
+to the box where any channel is nonzero (``crop_nonzero``, nnU-Net's crop: a skull-stripped brain loses its empty
+border, a CT is kept whole since air is -1000 HU), and normalised per ``intensity_norm``
+(:func:`dust.data.nifti.normalize`; ``ct`` with the dataset statistics ``intensity_stats`` that ``dust prepare``
+measured). Resampling to the planned ``target_spacing`` is not done here: the training volumes are stored
+resampled by ``dust prepare``, and :class:`dust.inference.Predictor` resamples a whole case to the model's grid and
+its probabilities back with the same function (:func:`dust.data.transforms.resample_to`). The crop box, spacing and
+full shape travel in the :class:`Grid`, so a prediction is uncropped and written on the input's own voxel grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dust.data.nifti import (
+    Grid,
+    InputCase,
+    normalize,
+    read_channels,
+    spacing_of,
+    stored_axes,
+    to_stored,
+    write_stored,
+)
+from dust.data.types import DataError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The config keys ``dust prepare`` writes and ``dust predict`` applies again."""
+
+    intensity_norm: str = "minmax"
+    intensity_stats: list[dict[str, float]] | None = None
+    slice_axis: int = 2
+    modalities: list[int] | None = None
+    crop_nonzero: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Preprocessing:
+        # A model trained by the la_h5 reader saw the volumes as stored (UA-MT z-scored each whole scan before
+        # cropping it), whatever its config said: checkpoints written before the LA configs said `none` record
+        # minmax, which would feed it other statistics.
+        norm = "none" if cfg["dataset"] == "la_h5" else cfg["intensity_norm"]
+        return cls(norm, cfg["intensity_stats"], int(cfg["slice_axis"]), cfg["modalities"], bool(cfg["crop_nonzero"]))
+
+    def apply(self, channels: np.ndarray, source: str) -> tuple[np.ndarray, tuple[tuple[int, int], ...] | None]:
+        """(C, X, Y, Z) in the file's voxel order -> model input (C, S, H, W) float32, and the crop box in the
+        stored (S, H, W) grid (None: not cropped)."""
+        stored = to_stored(channels, self.slice_axis)
+        box = nonzero_box(stored, source) if self.crop_nonzero else None
+        if box is not None:
+            stored = stored[(slice(None), *(slice(a, b) for a, b in box))]
+        image, _ = normalize(stored, self.intensity_norm, source, self.intensity_stats)
+        return image, box
+
+
+def nonzero_box(stored: np.ndarray, source: str) -> tuple[tuple[int, int], ...]:
+    """[start, stop) per spatial axis of the box holding every voxel where any channel is nonzero."""
+    mask = np.any(stored != 0, axis=0)
+    if not mask.any():
+        raise DataError(f"{source}: every voxel is zero; nothing to segment")
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def read_input_case(case: InputCase, prep: Preprocessing) -> tuple[np.ndarray, Grid]:
+    """Model input (C, S, H, W) float32 of a new case, preprocessed like the training data, and its grid.
+
+    An h5 input is taken as already prepared (``dust prepare`` output, the SSL4MIS or LA layout): it is not
+    normalised again; its geometry comes from the attributes ``dust prepare`` writes, else (SSL4MIS) it is a
+    (Z, Y, X) array written back as (X, Y, Z) with an identity affine.
+    """
+    if case.is_h5:
+        return read_prepared_h5(case.paths[0])
+    channels, reference = read_channels(case.paths, prep.modalities)
+    image, box = prep.apply(channels, str(case.paths[0]))
+    zooms = spacing_of(reference)
+    spacing = tuple(zooms[a] for a in stored_axes(prep.slice_axis))
+    full = tuple(channels.shape[1:][a] for a in stored_axes(prep.slice_axis))
+    return image, Grid(prep.slice_axis, reference.affine, reference.header, type(reference), box, full, spacing)
+
+
+def read_prepared_h5(path) -> tuple[np.ndarray, Grid]:
+    """An h5 volume as stored (C, S, H, W) and the grid ``dust prepare`` recorded for it."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f or not isinstance(f["image"], h5py.Dataset):
+                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
+            image = np.asarray(f["image"][()], dtype=np.float32)
+            attrs = dict(f.attrs)
+    except (OSError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: cannot read h5 file ({err})") from None
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image contains NaN or Inf values")
+    affine = np.asarray(attrs["affine"], dtype=np.float64) if "affine" in attrs else np.eye(4)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{path}: attribute 'affine' must be a finite 4x4 matrix, got shape {affine.shape}")
+    box = tuple((int(a), int(b)) for a, b in np.asarray(attrs["crop_box"])) if "crop_box" in attrs else None
+    full = tuple(int(n) for n in attrs["full_shape"]) if "full_shape" in attrs else None
+    spacing = tuple(float(s) for s in attrs["spacing"]) if "spacing" in attrs and image.ndim == 4 else None
+    if spacing is not None and len(spacing) != 3:
+        spacing = None  # a slice's (H, W) spacing: not a volume's
+    return image, Grid(int(attrs.get("slice_axis", 2)), affine, None, box=box, shape=full, spacing=spacing)
+
+
+def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float] | None = None) -> list[Path]:
+    """An h5 case (dust's or SSL4MIS's layout) as NIfTI: ``out_dir/<case>.nii.gz`` (``<case>_000k.nii.gz`` per
+    channel when there are several, the nnU-Net way) and, when it has one, ``out_dir/labels/<case>.nii.gz``.
+
+    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on (the arrays' axes reversed, so
+    ``(Z, Y, X)`` becomes ``(X, Y, Z)``); the affine is the one ``dust prepare`` stored, else a diagonal of
+    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
+    """
+    image, grid = read_prepared_h5(path)
+    with h5py.File(path, "r") as f:
+        label = np.asarray(f["label"][()], dtype=np.uint8) if "label" in f else None
+    if spacing is not None:
+        grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
+    case = path.stem
+    names = [f"{case}.nii.gz"] if len(image) == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(len(image))]
+    written = [out_dir / name for name in names]
+    for channel, target in zip(image, written, strict=True):
+        write_stored(grid, channel, np.float32, target)
+    if label is not None:
+        written.append(out_dir / "labels" / f"{case}.nii.gz")
+        write_stored(grid, label, np.uint8, written[-1])
+    return written
