@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dust.config
 from dust.config import ConfigError
 from dust.engine.checkpoint import CheckpointError, iteration_checkpoints, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer
@@ -216,10 +217,23 @@ def test_bf16_auto_follows_the_hardware_and_explicit_values_win(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert full_config({"method": "supervised", "device": "cpu"})["bf16"] is False
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(dust.config, "cpu_has_native_bf16", lambda: True)
     assert full_config({"method": "supervised", "device": "cpu"})["bf16"] is True
+    # oneDNN says "supported" on every AVX512 CPU; without AVX512-BF16 / AMX flags it is emulated, so auto is off
+    monkeypatch.setattr(dust.config, "cpu_has_native_bf16", lambda: False)
+    assert full_config({"method": "supervised", "device": "cpu"})["bf16"] is False
     assert full_config({"method": "supervised", "bf16": False})["bf16"] is False
     with pytest.raises(ConfigError, match="bf16: expected auto, true or false, got 'yes'"):
         full_config({"method": "supervised", "bf16": "yes"})
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert dust.config.cpu_has_native_bf16(cpuinfo) is False  # AVX512 without BF16: oneDNN emulates
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert dust.config.cpu_has_native_bf16(cpuinfo) is True
+    assert dust.config.cpu_has_native_bf16(tmp_path / "absent") is True  # not Linux: oneDNN's check decides
 
 
 def test_batchnorm_recalibration_leaves_networks_that_predict_does_not_use(tiny_cfg):
