@@ -74,7 +74,10 @@ def options_of(cfg: dict[str, Any]) -> str:
     """
     defaults = {**{k: BASE_DEFAULTS[k] for k in NUMBER_CHANGING_ENGINE_OPTIONS},
                 **get_method(str(cfg["method"])).defaults}
-    return " ".join(f"{k}={cfg[k]}" for k in sorted(defaults) if k in cfg and cfg[k] != defaults[k])
+    options = [f"{k}={cfg[k]}" for k in sorted(defaults) if k in cfg and cfg[k] != defaults[k]]
+    if cfg.get("dataset") == "prepared_3d":  # the own-data path beside a benchmark's own reader: never one row
+        options.insert(0, "dataset=prepared_3d")
+    return " ".join(options)
 
 
 def record_key(record: dict) -> tuple:

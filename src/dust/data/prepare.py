@@ -395,6 +395,15 @@ def read_splits(path: Path, cases: list[SourceCase]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def _case_channels(case: SourceCase, source: Source, modalities: list[int] | None) -> tuple[np.ndarray, Any]:
+    """The case's channels (C, X, Y, Z), checked against the dataset's channel count, and its reference image."""
+    channels, reference = read_channels(case.images, None)
+    if len(channels) != len(source.channel_names):
+        raise DataError(f"{case.images[0]}: {len(channels)} channel(s), but the dataset's images have "
+                        f"{len(source.channel_names)} ({', '.join(source.channel_names)})")
+    return (channels if modalities is None else channels[modalities]), reference
+
+
 def _case_label(case: SourceCase, source: Source, reference: Any) -> np.ndarray:
     """The case's label (X, Y, Z) uint8 on its image's voxel grid (refused otherwise), through the label map."""
     assert case.label is not None
@@ -420,12 +429,7 @@ def _write_case(
     case: SourceCase, split: str, data_dir: Path, source: Source, modalities: list[int] | None,
     intensity_norm: str, slice_axis: int,
 ) -> dict[str, Any]:
-    channels, reference = read_channels(case.images, None)
-    if len(channels) != len(source.channel_names):
-        raise DataError(f"{case.images[0]}: {len(channels)} channel(s), but the dataset's images have "
-                        f"{len(source.channel_names)} ({', '.join(source.channel_names)})")
-    if modalities is not None:
-        channels = channels[modalities]
+    channels, reference = _case_channels(case, source, modalities)
     label = None if case.label is None else _case_label(case, source, reference)
     image, stats = normalize(channels, intensity_norm, case.images[0])
     image = to_stored(image, slice_axis)  # (C, S, H, W)
@@ -522,6 +526,24 @@ def prepare_dataset(
     return record
 
 
+def _write_lists(staging: Path, train_name: str, train: list[str], splits: dict[str, list[str]], seed: int) -> None:
+    """The training list (labelled patients first), val / test lists and the split file."""
+    (staging / train_name).write_text("".join(f"{n}\n" for n in train))
+    for split in ("val", "test"):
+        if splits[split]:
+            (staging / f"{split}.list").write_text("".join(f"{cid}\n" for cid in splits[split]))
+    (staging / "splits.json").write_text(json.dumps({"seed": seed, **splits}, indent=1))
+
+
+def _data_keys(source: Source, out_dir: Path, splits: dict[str, list[str]],
+               modalities: list[int] | None) -> dict[str, Any]:
+    """The config keys that say where the data is and what it holds."""
+    return {"data_dir": str(out_dir.resolve()),
+            "in_channels": len(modalities) if modalities is not None else len(source.channel_names),
+            "num_classes": len(source.class_names), "class_names": source.class_names,
+            "labeled_patients": len({patient_of(c) for c in splits["labeled"]})}
+
+
 def _write_dataset(
     source: Source, source_dir: Path, out_dir: Path, staging: Path, splits: dict[str, list[str]],
     modalities: list[int] | None, intensity_norm: str, slice_axis: int, seed: int, progress: bool,
@@ -531,23 +553,14 @@ def _write_dataset(
     left_out = len(source.cases) - len(chosen)
     if left_out:
         log.info("%d case(s) of the source are in no split and are left out", left_out)
-    num_classes = len(source.class_names)
     cases = {}
     for case in tqdm(chosen, desc="prepare", unit="case", disable=None if progress else True):  # None: terminal only
         cases[case.case_id] = _write_case(case, split_of[case.case_id], staging / "data", source, modalities,
                                           intensity_norm, slice_axis)
     slices = [name for split in ("labeled", "unlabeled") for cid in splits[split] for name in cases[cid]["h5"]]
-    (staging / "train_slices.list").write_text("".join(f"{n}\n" for n in slices))
-    for split in ("val", "test"):
-        if splits[split]:
-            (staging / f"{split}.list").write_text("".join(f"{cid}\n" for cid in splits[split]))
-    (staging / "splits.json").write_text(json.dumps({"seed": seed, **splits}, indent=1))
-    in_channels = len(modalities) if modalities is not None else len(source.channel_names)
-    data_keys = {
-        "data_dir": str(out_dir.resolve()), "in_channels": in_channels, "num_classes": num_classes,
-        "class_names": source.class_names, "labeled_patients": len({patient_of(c) for c in splits["labeled"]}),
-        "intensity_norm": intensity_norm, "slice_axis": slice_axis, "modalities": modalities,
-    }
+    _write_lists(staging, "train_slices.list", slices, splits, seed)
+    data_keys = {**_data_keys(source, out_dir, splits, modalities), "intensity_norm": intensity_norm,
+                 "slice_axis": slice_axis, "modalities": modalities}
     channel_names = [source.channel_names[i] for i in (modalities or range(len(source.channel_names)))]
     record = {
         "format": "dust-prepared-dataset", "version": 1, "source": str(source_dir.resolve()),
@@ -581,12 +594,7 @@ class VolumeOptions:
 def _read_case_3d(case: SourceCase, source: Source, modalities: list[int] | None,
                   prep: Preprocessing) -> tuple[np.ndarray, np.ndarray | None, Any, tuple[tuple[int, int], ...]]:
     """(image (C, S, H, W) cropped, unnormalised; label (S, H, W) or None; the reference image; the crop box)."""
-    channels, reference = read_channels(case.images, None)
-    if len(channels) != len(source.channel_names):
-        raise DataError(f"{case.images[0]}: {len(channels)} channel(s), but the dataset's images have "
-                        f"{len(source.channel_names)} ({', '.join(source.channel_names)})")
-    if modalities is not None:
-        channels = channels[modalities]
+    channels, reference = _case_channels(case, source, modalities)
     stored = to_stored(channels.astype(np.float32), prep.slice_axis)
     box = nonzero_box(stored, str(case.images[0])) if prep.crop_nonzero else tuple((0, n) for n in stored.shape[1:])
     window = tuple(slice(a, b) for a, b in box)
@@ -666,16 +674,9 @@ def _write_dataset_3d(
             "spacing": list(spacing_of(reference)), "affine": reference.affine.tolist(), "stored_axes": list(axes),
             "crop_box": [list(b) for b in box], "stored_shape": list(image.shape[1:]), "normalisation": norm_stats,
         }
-    (staging / "train.list").write_text("".join(f"{c}\n" for c in training))
-    for split in ("val", "test"):
-        if splits[split]:
-            (staging / f"{split}.list").write_text("".join(f"{cid}\n" for cid in splits[split]))
-    (staging / "splits.json").write_text(json.dumps({"seed": seed, **splits}, indent=1))
-    in_channels = len(modalities) if modalities is not None else len(source.channel_names)
+    _write_lists(staging, "train.list", training, splits, seed)
     data_keys = {
-        "dataset": "prepared_3d", "data_dir": str(out_dir.resolve()), "in_channels": in_channels,
-        "num_classes": len(source.class_names), "class_names": source.class_names,
-        "labeled_patients": len({patient_of(c) for c in splits["labeled"]}),
+        "dataset": "prepared_3d", **_data_keys(source, out_dir, splits, modalities),
         "intensity_norm": intensity_norm, "intensity_stats": stats, "crop_nonzero": opts.crop_nonzero,
         "target_spacing": target, "slice_axis": slice_axis, "modalities": modalities,
     }

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dust.data.types import Item, StoredArray, as_tensor
+from dust.data.types import Item, StoredArray, as_tensor, box_overlap
 
 INTERPOLATIONS = ("bilinear", "nearest")
 
@@ -209,12 +209,11 @@ class _InPlane:
 def _zero_filled_box(array: torch.Tensor, box: list[slice]) -> torch.Tensor:
     """``array[..., box]`` with zeros where the box leaves the array."""
     lead = array.dim() - len(box)
-    inside = [slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, array.shape[lead:], strict=True)]
-    if all(s.start == b.start and s.stop == b.stop for s, b in zip(inside, box, strict=True)):
+    inside, target = box_overlap(box, tuple(array.shape[lead:]))
+    if inside is not None and inside == tuple(box):
         return array[(Ellipsis, *box)]
     out = array.new_zeros((*array.shape[:lead], *(b.stop - b.start for b in box)))
-    if all(s.start < s.stop for s in inside):
-        target = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inside, box, strict=True))
+    if inside is not None:
         out[(Ellipsis, *target)] = array[(Ellipsis, *inside)]
     return out
 

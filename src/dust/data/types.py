@@ -59,11 +59,9 @@ class StoredArray:
     def read(self, box: tuple[slice, ...]) -> torch.Tensor:
         """The box (one slice per trailing axis, ``start < stop``, any of them beyond the array) as a tensor."""
         lead = len(self.shape) - len(box)
-        size = [*self.shape[:lead], *(b.stop - b.start for b in box)]
-        out = np.zeros(size, dtype=self.dtype)
-        inside = [slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, self.shape[lead:], strict=True)]
-        if all(s.start < s.stop for s in inside):
-            target = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inside, box, strict=True))
+        out = np.zeros([*self.shape[:lead], *(b.stop - b.start for b in box)], dtype=self.dtype)
+        inside, target = box_overlap(box, self.shape[lead:])
+        if inside is not None:
             try:
                 with h5py.File(self.path, "r") as f:
                     out[(Ellipsis, *target)] = f[self.key][(Ellipsis, *inside)]
@@ -76,6 +74,16 @@ class StoredArray:
 
 
 Item = torch.Tensor | StoredArray
+
+
+def box_overlap(box: tuple[slice, ...] | list[slice], shape: tuple[int, ...]
+                ) -> tuple[tuple[slice, ...] | None, tuple[slice, ...] | None]:
+    """The part of ``box`` (slices that may leave the array) inside an array of ``shape``, as slices of the array
+    and of the box; (None, None) when they do not overlap."""
+    inside = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, shape, strict=True))
+    if any(s.start >= s.stop for s in inside):
+        return None, None
+    return inside, tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inside, box, strict=True))
 
 
 def as_tensor(item: Item) -> torch.Tensor:
