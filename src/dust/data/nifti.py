@@ -21,11 +21,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 
-from dust.data.types import DataError
+from dust.data.types import DataError, missing_file, read_h5_arrays, read_h5_attrs
 from dust.storage import atomic_write
 
 log = logging.getLogger("dust")
@@ -50,7 +49,9 @@ def visible_files(folder: Path) -> list[Path]:
     """Files of a folder, sorted, without hidden ones (e.g. the ``._case.nii.gz`` macOS leaves in MSD tarballs)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    # a broken or looping symbolic link is kept, so that reading it names it instead of the case vanishing
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_file() or (p.is_symlink() and not p.is_dir())) and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------- orientation
@@ -82,17 +83,21 @@ def spacing_of(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float
 # ---------------------------------------------------------------------------------------------- reading
 def load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise missing_file(path)
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises several types for truncated or foreign files
         raise DataError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    if not np.isfinite(img.affine).all():  # no voxel has a place in space; a prediction would inherit it
+        raise DataError(f"{path}: its affine (sform/qform) holds NaN or Inf values")
     return img
 
 
 def _voxels(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    if img.get_data_dtype().kind == "c":  # a cast to real would silently drop the imaginary part
+        raise DataError(f"{path}: complex-valued voxels ({img.get_data_dtype()}); dust reads real-valued images")
     try:
         data = np.asarray(img.dataobj, dtype=np.float64)  # applies scl_slope / scl_inter
     except Exception as err:
@@ -253,20 +258,22 @@ def read_input_case(
 
 
 def _read_h5_case(path: Path) -> tuple[np.ndarray, Grid]:
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read h5 file ({err})") from None
+    image, _ = read_h5_arrays(path, want_label=False)  # numbers, finite: what the NIfTI path checks too
+    attrs = read_h5_attrs(path)
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4:
         raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
-    affine = np.asarray(attrs["affine"], dtype=np.float64) if "affine" in attrs else np.eye(4)
-    return image, Grid(int(attrs.get("slice_axis", 2)), affine, None)
+    try:
+        affine = np.asarray(attrs.get("affine", np.eye(4)), dtype=np.float64)
+    except (TypeError, ValueError):
+        affine = np.empty(0)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{path}: attribute 'affine' must be a finite 4x4 matrix, got shape {affine.shape}")
+    slice_axis = attrs.get("slice_axis", 2)
+    if slice_axis not in (0, 1, 2):
+        raise DataError(f"{path}: attribute 'slice_axis' must be 0, 1 or 2, got {slice_axis!r}")
+    return image, Grid(int(slice_axis), affine, None)
 
 
 def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> None:
@@ -295,8 +302,14 @@ def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float
     ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
     """
     image, grid = _read_h5_case(path)
-    with h5py.File(path, "r") as f:
-        label = np.asarray(f["label"][()], dtype=np.uint8) if "label" in f else None
+    _, label = read_h5_arrays(path, want_label=False, label_if_present=True)  # integer, finite, image-shaped
+    if label is not None:
+        if label.shape != image.shape[1:]:
+            raise DataError(f"{path}: label shape {label.shape} does not match the image's {image.shape[1:]}")
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise DataError(f"{path}: label values {int(label.min())}..{int(label.max())} do not fit the 0..255 "
+                            "of a label NIfTI (uint8)")
+        label = label.astype(np.uint8)
     if spacing is not None:
         grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
     case = path.stem
@@ -308,3 +321,31 @@ def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float
         written.append(out_dir / "labels" / f"{case}.nii.gz")
         write_stored(grid, label, np.uint8, written[-1])
     return written
+
+
+# ---------------------------------------------------------------------------------------------- comparing grids
+def on_reference_grid(label: np.ndarray, img: nib.spatialimages.SpatialImage, path: Path,
+                      reference: nib.spatialimages.SpatialImage, reference_path: Path) -> np.ndarray:
+    """``label`` (``img``'s voxel order) on the voxel grid of ``reference``, compared in world space (mm).
+
+    A file stored in another axis order or with flipped axes but covering the same voxels in space (an affine
+    that says so) is permuted / flipped onto the reference's grid; nothing is interpolated. Anything else (a
+    grid shifted, rotated or of another size or voxel size) is refused with one line naming ``path``: scoring
+    voxels that lie elsewhere in space gives a number that means nothing.
+    """
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                                nib.orientations.io_orientation(reference.affine))
+    moved = nib.orientations.apply_orientation(label, transform)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(transform, label.shape)
+    if moved.shape != tuple(reference.shape[:3]):
+        raise DataError(f"{path}: its voxel grid {label.shape} does not match the reference {reference_path} "
+                        f"{tuple(reference.shape[:3])} (compared in world space)")
+    corners = np.array([[i, j, k, 1.0] for i in (0, moved.shape[0] - 1) for j in (0, moved.shape[1] - 1)
+                        for k in (0, moved.shape[2] - 1)]).T
+    apart = float(np.abs((affine - reference.affine) @ corners).max())  # mm between the same voxel's centres
+    voxel = min(spacing_of(reference))
+    if apart > 0.01 * voxel:  # further than 1% of a voxel: another place in space (or another voxel size)
+        raise DataError(f"{path}: lies elsewhere in space than the reference {reference_path}: the same voxel is up "
+                        f"to {apart:.3g} mm apart under the two affines (voxel size {voxel:.3g} mm); resample it "
+                        "onto the reference grid first")
+    return np.ascontiguousarray(moved)
