@@ -5,6 +5,7 @@ the file (exit 2), never a silently wrong result."""
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import shutil
 import subprocess
@@ -89,7 +90,9 @@ def _edit_checkpoint(source: Path, target: Path, **config) -> Path:
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder`` and its content (gzip files uncompressed: their header holds the time written)."""
+    return {p.relative_to(folder).as_posix(): gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------- no code runs
