@@ -156,7 +156,8 @@ def main() -> None:
         result["synthetic_cases"] = {"cases": args.cases, "shape_xyz": SHAPE, "spacing_mm": SPACING,
                                      "write_seconds": round(time.perf_counter() - started, 1)}
         subset(source, args.work / "source_subset", args.prepare_cases)
-        common = ["prepare", "--dims", "3", "--norm", "ct", "--val", "1", "--labeled", str(min(8, args.prepare_cases - 1))]
+        labeled = str(min(8, args.prepare_cases - 1))
+        common = ["prepare", "--dims", "3", "--norm", "ct", "--val", "1", "--labeled", labeled]
         result[f"prepare_{args.prepare_cases}"] = measured(
             [*dust, *common, "--source", str(args.work / "source_subset"), "--out", str(args.work / "prepared_sub")])
         result[f"prepare_{args.cases}"] = measured([*dust, *common, "--source", str(source), "--out", str(full)])

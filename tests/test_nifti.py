@@ -169,17 +169,23 @@ def test_nnunet_prepare_train_predict_keeps_the_input_grid(tmp_path: Path, capsy
     assert "1 of 2 case(s) could not be predicted" in err and str(bad) in err
     assert (tmp_path / "m" / "case_005.nii.gz").is_file() and not (tmp_path / "m" / "case_006.nii.gz").exists()
 
-    # Killed mid-write (after the bytes, before they reach the disk): nothing is left under a final name (nor a
-    # temp file).
+    # Ctrl-C mid-write of the label (after the bytes, before they reach the disk): one line, exit 130, and nothing
+    # is left under a final name (nor a temp file), only the folder's record of what predict may write there.
     from dust import storage
 
-    def killed_while_writing(fd):
-        raise KeyboardInterrupt
+    real_fsync, synced = storage.os.fsync, []
 
-    monkeypatch.setattr(storage.os, "fsync", killed_while_writing)
-    with pytest.raises(KeyboardInterrupt):
-        main(["predict", "--checkpoint", str(best), "--input", str(single), "--output", str(tmp_path / "k")])
-    assert list((tmp_path / "k").iterdir()) == []
+    def interrupted_while_writing_the_label(fd):
+        synced.append(fd)
+        if len(synced) == 2:  # the first write is the output record, the second the label
+            raise KeyboardInterrupt
+        return real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", interrupted_while_writing_the_label)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(best), "--input", str(single), "--output", str(tmp_path / "k")]) == 130
+    assert capsys.readouterr().err.strip() == "dust predict: interrupted"
+    assert [p.name for p in (tmp_path / "k").iterdir()] == ["dust_predictions.json"]
 
 
 

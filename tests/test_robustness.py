@@ -224,7 +224,9 @@ def test_sigkill_at_any_point_then_resume_equals_the_uninterrupted_run(tmp_path:
     assert proc.returncode == -signal.SIGKILL and killed_at < 20, (tmp_path / "child.log").read_text()
 
     # 2. resume; this time the process dies inside the write of iteration 20's checkpoint
-    proc = _dust(["train", "--resume", str(run)], tmp_path, KILL_DURING_CHECKPOINT="20")
+    # (a run's own method class is named again on resume: its config.yaml alone imports no code)
+    own_method = ["--set", "method=killable_method:KillableSupervised"]
+    proc = _dust(["train", "--resume", str(run), *own_method], tmp_path, KILL_DURING_CHECKPOINT="20")
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "child.log").read_text()
     assert list(ckpt.glob(".iter_0000020.pt.*.tmp")), "the kill should have landed inside the write"
@@ -232,7 +234,7 @@ def test_sigkill_at_any_point_then_resume_equals_the_uninterrupted_run(tmp_path:
     assert load_latest(ckpt)[0]["iteration"] == 16  # the last good checkpoint is whole
 
     # 3. resume again to the end
-    proc = _dust(["train", "--resume", str(run)], tmp_path)
+    proc = _dust(["train", "--resume", str(run), *own_method], tmp_path)
     proc.wait(timeout=300)
     assert proc.returncode == 0, (tmp_path / "child.log").read_text()
     assert not list(ckpt.glob(".*.tmp"))  # leftovers of the cut write are cleaned up

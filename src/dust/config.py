@@ -8,7 +8,9 @@ declares in its own ``defaults``.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "bf16": "auto",
     "channels_last": True,  # channels_last memory format (channels_last_3d for a 3D model): faster convolutions on CPU
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
-    "device": "auto",  # auto | cpu | cuda
+    "device": "auto",  # auto | cpu | cuda | cuda:N | mps
     # several processes (torchrun / dust train --nproc): BatchNorm statistics over all ranks (CUDA only)
     "sync_batchnorm": False,
     "run_dir": "runs/{method}_{labeled_patients}p_seed{seed}",
@@ -115,7 +117,41 @@ def parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, so a config with ``lr`` twice would train with whichever the user did not look at."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str | int | float | bool | None):
+                continue  # an unhashable key: YAML's own constructor reports it
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save the config as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                _extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config and apply ``key=value`` overrides (no defaults merged yet).
 
     ``extends: other.yaml`` (a path relative to the file) reads that config first and lays this file's keys over
@@ -126,10 +162,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if path.resolve() in _extended_by:  # a chain of extends: that comes back to a file would never end
+            chain = " -> ".join(str(p) for p in (*_extended_by, path.resolve()))
+            raise ConfigError(f"{path}: extends: comes back to itself ({chain})")
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
         loaded = dict(loaded or {})
@@ -137,13 +173,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if base is not None:  # a protocol variant: its base config's keys, then this file's
             if not isinstance(base, str):
                 raise ConfigError(f"{path}: extends: expected the path of a config file, got {base!r}")
-            cfg.update(load_config(path.parent / base))
+            cfg.update(load_config(path.parent / base, None, (*_extended_by, path.resolve())))
         cfg.update(loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        cfg[key.strip()] = parse_value(value)
+        try:
+            cfg[key.strip()] = parse_value(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: not a valid value: {' '.join(str(err).split())}") from None
     return cfg
 
 
@@ -158,6 +197,7 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
         )
     resolved = copy.deepcopy(allowed)
     resolved.update({k: _typed(k, v, allowed[k]) for k, v in copy.deepcopy(cfg).items()})
+    _check_finite(resolved)
     resolved["bf16"] = resolve_bf16(resolved["bf16"], resolved["device"])
     _check_choices(resolved)
     if len(resolved["class_names"]) != resolved["num_classes"]:
@@ -186,6 +226,14 @@ RANGES: dict[str, tuple[bool, float, float | None, bool]] = {
 }
 
 
+def _check_finite(cfg: dict[str, Any]) -> None:
+    """NaN and infinity pass every range check (every comparison with NaN is false); no key means them."""
+    for key, value in cfg.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+
+
 def _check_ranges(cfg: dict[str, Any]) -> None:
     for key, (integer, low, high, low_ok) in RANGES.items():
         value = cfg[key]
@@ -198,8 +246,13 @@ def _check_ranges(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range (expected {bound})")
 
 
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 def _check_choices(cfg: dict[str, Any]) -> None:
     _check_ranges(cfg)
+    if not DEVICE.match(str(cfg["device"])):
+        raise ConfigError(f"device: {cfg['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f"{key}: {cfg[key]!r} is not one of {list(choices)}")
@@ -225,6 +278,7 @@ def _check_choices(cfg: dict[str, Any]) -> None:
     factor = cfg["resample_factor"]
     if not (isinstance(factor, int | float) and 0 < factor <= 4):
         raise ConfigError(f"resample_factor {factor!r}: expected a number in (0, 4]")
+    format_run_dir(cfg)  # its placeholders are checked here, before anything is read or written
 
 
 def _check_patch_divisible(cfg: dict[str, Any]) -> None:
@@ -306,7 +360,13 @@ def resolve_data_dir(data_dir: str | Path) -> Path:
 def format_run_dir(cfg: dict[str, Any]) -> Path:
     """The run directory, with ``{method}``-style placeholders filled from the config."""
     method = str(cfg["method"]).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
-    return Path(str(cfg["run_dir"]).format(**{**cfg, "method": method}))
+    try:
+        return Path(str(cfg["run_dir"]).format(**{**cfg, "method": method}))
+    except KeyError as err:
+        raise ConfigError(f"run_dir {cfg['run_dir']!r}: unknown placeholder {{{err.args[0]}}}; placeholders are "
+                          "config keys, e.g. {method}, {labeled_patients}, {seed}") from None
+    except (ValueError, IndexError, AttributeError) as err:
+        raise ConfigError(f"run_dir {cfg['run_dir']!r}: {err}; write a literal brace as {{{{ or }}}}") from None
 
 
 def dump_config(cfg: dict[str, Any], path: str | Path) -> None:

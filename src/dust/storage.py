@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import os
 import pickle
@@ -29,17 +30,53 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message names the file."""
 
 
+class UnreadableFileError(ValueError):
+    """A file dust reads back (a JSON record, a metrics summary) that is missing or damaged; the message names it."""
+
+
 class DiskFullError(OSError):
     """No space left while writing a file; the message names it (the previous version is intact)."""
 
 
+class StorageError(OSError):
+    """A file that cannot be written (a read-only folder, a folder where a file should go...); the message names
+    it, and the previous version, if any, is intact."""
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """The one-line error for an ``OSError`` met while writing ``path``: :class:`DiskFullError` for a full disk,
+    else :class:`StorageError`, both naming the file (``err.strerror`` holds the message)."""
+    if err.errno == errno.ENOSPC:
+        message = (f"{path}: no space left on device while writing it (the previous version, if any, is "
+                   "intact; free some space, then resume)")
+        log.error(message)
+        return DiskFullError(errno.ENOSPC, message)
+    reason = err.strerror or str(err) or type(err).__name__
+    return StorageError(err.errno, f"{path}: cannot write it ({reason.rstrip('.')})")
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Make ``folder`` if needed and make sure a file can be created in it, before any long work whose result
+    would go there is started (a read-only checkpoint folder found after an hour of training loses the hour)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dust-write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise write_error(folder, err) from None
+
+
 def atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
     """Write through a temp file in the same folder, fsync, then rename over ``path``: a reader (or a kill)
-    sees the old content or the new, never a torn file."""
+    sees the old content or the new, never a torn file. Every ``OSError`` becomes one line naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise StorageError(errno.EISDIR, f"{path}: is a folder; give the name of a file to write")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets what open() would have given it
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -47,13 +84,24 @@ def atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> No
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            message = (f"{path}: no space left on device while writing it (the previous version, if any, is "
-                       "intact; free some space, then resume)")
-            log.error(message)
-            raise DiskFullError(errno.ENOSPC, message) from None
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, DiskFullError | StorageError):
+            raise write_error(path, err) from None
         raise
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file dust (or the user) wrote, or one :class:`UnreadableFileError` line naming it and the problem."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UnreadableFileError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnreadableFileError(f"{path}: not valid JSON ({err}); was it cut short or edited?") from None
+    except OSError as err:
+        raise UnreadableFileError(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -95,8 +143,11 @@ def _unpickling_detail(message: str) -> str:
 
 def check_compatible(state: dict[str, Any], path: Path, method: str, num_classes: int) -> None:
     """Refuse to load a checkpoint of another method or class count, with a message saying which."""
-    if state.get("format") != "dust-checkpoint":
-        raise CheckpointError(f"{path}: not a dust checkpoint")
+    if not isinstance(state, dict) or state.get("format") != "dust-checkpoint":
+        raise CheckpointError(f"{path}: not a dust checkpoint (it holds {describe_content(state)})")
+    missing = [k for k in ("method", "num_classes", "config", "networks") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: an incomplete dust checkpoint: no {', '.join(missing)}")
     if state["method"] != method:
         raise CheckpointError(f"{path}: checkpoint is for method {state['method']!r}, not {method!r}")
     if int(state["num_classes"]) != int(num_classes):
@@ -105,17 +156,29 @@ def check_compatible(state: dict[str, Any], path: Path, method: str, num_classes
         )
 
 
+def describe_content(obj: Any) -> str:
+    """What a loaded file holds, in a few words, for an error message."""
+    if isinstance(obj, torch.Tensor):
+        return f"a bare tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        keys = sorted(map(str, obj))
+        return f"a mapping with keys {keys[:8]}" + (" ..." if len(keys) > 8 else "")
+    return f"a {type(obj).__name__}"
+
+
 def load_network_weights(networks: dict[str, torch.nn.Module], state: dict[str, Any], path: Path) -> None:
     """Each network's weights from a checkpoint's ``networks``; weights that do not fit the model its config builds
     (a hand-edited config, a checkpoint of another model) are one ``CheckpointError`` naming the file, the network
     and the first mismatches, instead of PyTorch's multi-line ``load_state_dict`` report."""
-    saved = state.get("networks", {})
+    saved = state.get("networks", {}) if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: holds no network weights (it holds {describe_content(state)})")
     for name, net in networks.items():
         if name not in saved:
             raise CheckpointError(f"{path}: holds no weights for network {name!r} (it has {sorted(saved)})")
         try:
             net.load_state_dict(saved[name])
-        except (RuntimeError, KeyError, TypeError) as err:
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:
             problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err).strip()]
             summary = "; ".join(problems)
             summary = summary if len(summary) <= 300 else summary[:297] + "..."

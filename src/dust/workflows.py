@@ -15,45 +15,66 @@ from typing import Any
 import numpy as np
 import torch
 
-from dust.config import format_run_dir, resolve_data_dir
+from dust.config import ConfigError, format_run_dir, resolve_data_dir
 from dust.data import load_split
 from dust.data.check import check_data, raise_if_problems
 from dust.engine import distributed
+from dust.engine.checkpoint import iteration_checkpoints, remove_trained_model_files, trained_model_files
 from dust.engine.evaluation import write_evaluation
 from dust.engine.trainer import Trainer, close_run_log
 from dust.methods.loading import pick_device
 from dust.metrics import case_metrics, summarize
 from dust.report import write_report
 from dust.results import make_record, pin_precision, precision_of
-from dust.storage import atomic_write_text, load_checkpoint, load_network_weights
+from dust.storage import CheckpointError, atomic_write_text, load_checkpoint, load_network_weights
 
 log = logging.getLogger("dust")
 
 
-def train(cfg: dict[str, Any], resume: bool = False, command: str = "") -> list[dict]:
+def train(cfg: dict[str, Any], resume: bool = False, command: str = "", overwrite: bool = False) -> list[dict]:
     """Train, then evaluate the last and best checkpoints on the validation split with every metric.
 
     Writes ``metrics_val_{last,best}.{csv,json}`` and ``results.json`` (benchmark records) into the run dir.
     The dataset is checked first (``dust check-data``): a problem stops the run before any training. Started
     as one of several processes (torchrun, ``dust train --nproc``), it trains data-parallel and rank 0 writes.
+    A run directory that holds a trained model (any checkpoint) is continued with ``resume``, never started
+    again over, unless ``overwrite`` (a fresh run only) says to replace that run's model files.
     """
     run_dir = format_run_dir(cfg)
-    # checked before the Trainer exists: it would overwrite the earlier run's config.yaml and log
-    if not resume and any((run_dir / "checkpoints").glob("iter_*.pt")):
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints; continue it with `dust train --resume {run_dir}` "
-            "or choose another run_dir (--set run_dir=...)"
-        )
+    if resume and overwrite:
+        raise ConfigError("--overwrite starts a run again from iteration 0; it does not go with --resume")
+    refuse_to_overwrite(run_dir, resume, overwrite)
     owns_group = not torch.distributed.is_initialized()
     ranks = distributed.init_from_env(pick_device(cfg["device"]))
     try:
         # rank 0 reads the files; every rank stops on the same problems
         raise_if_problems(distributed.broadcast_object(check_data(cfg) if ranks.is_main else None))
-        return _train_and_evaluate(cfg, resume, command)
+        return _train_and_evaluate(cfg, resume, command, overwrite)
     finally:
         close_run_log()
         if owns_group:
             distributed.shutdown()
+
+
+def refuse_to_overwrite(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written (the Trainer rewrites ``config.yaml`` and the log at once), to start a
+    run from iteration 0 in a run directory that holds a trained model: a fresh run there, or a resume that finds
+    no iteration checkpoint to continue (e.g. after they were all found unreadable and moved aside)."""
+    ckpt_dir = run_dir / "checkpoints"
+    held = trained_model_files(ckpt_dir)
+    if overwrite or not held:
+        return
+    shown = ", ".join(p.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    if not resume:
+        how = (f"continue it with `dust train --resume {run_dir}`" if iteration_checkpoints(ckpt_dir) else
+               "keep it and choose another run_dir (--set run_dir=...)")
+        raise FileExistsError(f"{run_dir} already holds a trained model ({shown}); {how}, or start it again from "
+                              "iteration 0 over that model with --overwrite")
+    if not iteration_checkpoints(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no iteration checkpoint to resume from, but the run holds a trained "
+                              f"model ({shown}) that starting again would overwrite; restore a checkpoint "
+                              f"(e.g. rename an iter_*.pt.corrupt you repaired), or start again from iteration 0 "
+                              f"with `dust train --config {run_dir / 'config.yaml'} --overwrite`")
 
 
 def _command_of_record(run_dir: Path, command: str, resume: bool, is_main: bool) -> str:
@@ -84,9 +105,15 @@ def _set_overrides(command: str) -> list[tuple[str, str]]:
     return [tuple(v.split("=", 1)) for v in values if "=" in v]
 
 
-def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str) -> list[dict]:
+def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str, overwrite: bool = False) -> list[dict]:
     trainer = Trainer(cfg)
     try:
+        if overwrite and trainer.is_main:  # only now, with the run directory locked: never under a live run
+            removed = remove_trained_model_files(trainer.ckpt_dir)
+            if removed:
+                log.info("--overwrite: removed the earlier run's %d model file(s) from %s", len(removed),
+                         trainer.ckpt_dir)
+        distributed.barrier()
         if resume and not trainer.resume():
             log.info("no checkpoint in %s yet: starting from iteration 0", trainer.ckpt_dir)
         command = pin_precision(_command_of_record(trainer.run_dir, command, resume, trainer.is_main),

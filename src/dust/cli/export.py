@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dust.data.preprocess import export_h5_case
+    from dust.data.nifti import export_h5_case
     from dust.data.types import DataError
 
     source = Path(args.input)

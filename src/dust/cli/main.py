@@ -10,17 +10,28 @@ import sys
 from pathlib import Path
 
 from dust.cli import benchmark, check_data, export, predict, prepare, rank, report
-from dust.config import ConfigError, load_config
+from dust.cli.options import add_method_option, trust_named_methods
+from dust.config import ConfigError, format_run_dir, load_config
 from dust.data.types import DataError
 from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFailedError
-from dust.storage import CheckpointError, DiskFullError
+from dust.methods import name_user_method, refuse_unnamed_method
+from dust.storage import CheckpointError, DiskFullError, read_json
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 USER_ERRORS = (
     ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFailedError, RunDirectoryBusyError, FileExistsError,
     FileNotFoundError, DiskFullError,
     ValueError,
+    OSError,  # the machine's answer about a file (read-only, a folder where a file should be...): it names the file
 )
+
+
+def describe(err: BaseException) -> str:
+    """An error as the one line the user reads: an ``OSError`` as ``FILE: reason`` (not ``[Errno 13] ...``)."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+        return f"{' -> '.join(names)}: {err.strerror}" if names else str(err.strerror)
+    return (str(err).strip().splitlines() or [type(err).__name__])[0] if isinstance(err, OSError) else str(err)
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -39,16 +50,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        stored = run_dir / "config.yaml"
+        if not stored.is_file():
             raise ConfigError(f"{run_dir}: no config.yaml; is this a dust run directory?")
-        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg = load_config(stored, args.set)
         cfg["run_dir"] = str(run_dir)
+        # the run directory's config.yaml may be someone else's: its own method class is imported only when this
+        # command names it again
+        name_user_method(load_config(None, args.set).get("method", ""))
+        refuse_unnamed_method(str(cfg.get("method", "supervised")), stored,
+                              f"--set method={cfg.get('method', 'supervised')}")
     else:
         if not args.config:
             raise ConfigError("dust train needs --config FILE (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.set)
     cfg = full_config(cfg)
-    records = train(cfg, resume=bool(args.resume), command=_command_line(args))
+    try:
+        records = train(cfg, resume=bool(args.resume), command=_command_line(args), overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; continue from the last checkpoint with `dust train --resume "
+                                f"{format_run_dir(cfg)}`") from None
     if not distributed.ranks_from_env().is_main:
         return 0  # rank 0 records and prints
     if args.record:
@@ -62,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dust.engine.evaluation import evaluate_checkpoint
 
+    trust_named_methods(args)
     if args.pred or args.ref:  # folders of NIfTIs, as nnU-Net's evaluate-folder
         from dust.engine.predict import evaluate_folders
 
@@ -111,17 +133,20 @@ def cmd_results(args: argparse.Namespace) -> int:
     protocol = get_protocol(args.protocol, args.json, args.markdown, args.title)
     results_json = protocol.results_json
 
+    trust_named_methods(args)
     for run_dir in args.add:
         run_records = Path(run_dir) / "results.json"
         if not run_records.is_file():
             raise FileNotFoundError(f"{run_records}: no results.json; has this run finished?")
-        records = json.loads(run_records.read_text())
+        records = read_json(run_records)
         cfg = load_config(Path(run_dir) / "config.yaml")
+        method = str(cfg.get("method", "supervised"))
+        refuse_unnamed_method(method, Path(run_dir) / "config.yaml", f"--method {method}")
         for record in records:  # a run recorded by an older dust lacks newer identity keys: take them from its config
             for key, value in identity_of(cfg, record["checkpoint"]).items():
                 record.setdefault(key, value)
         update_results(results_json, records)
-    records = json.loads(results_json.read_text())
+    records = read_json(results_json)
     protocol.write_results_page(records)
     print(f"wrote {protocol.results_markdown} from {len(records)} records")
     if args.readme:
@@ -142,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     p.add_argument("--record", metavar="JSON", help="append the last/best records to a results JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again from iteration 0 in a run directory that holds a trained model, removing that "
+                        "run's checkpoints (without it, such a run directory is refused)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel over N processes on this machine (as torchrun; see docs/distributed.md)")
     p.set_defaults(func=cmd_train)
@@ -158,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-mask-policy", choices=["dust", "nnunet", "exclude"],
                    help="how a class empty in prediction or reference scores (docs/metrics.md; default: the run's, "
                         "or dust)")
+    add_method_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the phantom, train DUST, evaluate, print per-class Dice")
@@ -177,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first merge these finished runs' results.json (each keeps the command that produced it)")
     p.add_argument("--readme", metavar="FILE",
                    help="also rewrite the short table between the results-table markers in FILE (e.g. README.md)")
+    add_method_option(p)
     p.set_defaults(func=cmd_results)
 
     check_data.add_parser(sub)
@@ -198,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("DUST_DEBUG"):
             raise
-        print(f"dust {args.command}: error: {err}", file=sys.stderr)
+        print(f"dust {args.command}: error: {describe(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: every file dust writes is whole (atomic), so one line is enough
+        if os.environ.get("DUST_DEBUG"):
+            raise
+        print(f"dust {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dust.cli.options import add_method_option, trust_named_methods
+
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from dust.engine.predict import predict_cases
 
+    trust_named_methods(args)
     out = Path(args.output)
     written = predict_cases(Path(args.checkpoint), Path(args.input), out, uncertainty=args.uncertainty)
     extra = f" and uncertainty maps in {out / 'uncertainty'}" if args.uncertainty else ""
@@ -22,7 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a dust checkpoint (e.g. RUN_DIR/checkpoints/best.pt)")
     p.add_argument("--input", required=True, help="a case file, or a folder of cases (.nii.gz, .nii, .h5; "
                                                   "nnU-Net channel files CASE_0000, CASE_0001 are one case)")
-    p.add_argument("--output", required=True, help="folder for <case>.nii.gz label maps")
+    p.add_argument("--output", required=True,
+                   help="folder for <case>.nii.gz label maps; dust_predictions.json there records the model and the "
+                        "files written: only those, of the same model, are ever replaced")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write uncertainty/<case>.nii.gz: decoder KL (dual-decoder models) or entropy")
+    add_method_option(p)
     p.set_defaults(func=cmd_predict)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dust.cli.options import add_method_option, trust_named_methods
+
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from dust.engine.predict import rank_cases
 
+    trust_named_methods(args)
     out = Path(args.out)
     rows = rank_cases([Path(p) for p in args.checkpoints], Path(args.input), out)
     print(f"dust rank: {len(rows)} case(s), hardest first, in {out}")
@@ -26,4 +29,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="a folder of unlabelled cases (or one case file)")
     p.add_argument("--out", default="ranking.csv", help="CSV to write (default: ranking.csv)")
     p.add_argument("--show", type=int, default=10, help="print this many of the hardest cases")
+    add_method_option(p)
     p.set_defaults(func=cmd_rank)

@@ -28,7 +28,7 @@ from dust.config import resolve_data_dir
 from dust.data.la import case_path
 from dust.data.prepare import check_prepared
 from dust.data.ssl4mis import patients_in_order
-from dust.data.types import DataError, patient_of, read_list
+from dust.data.types import DataError, h5_array, missing_file, patient_of, read_list
 from dust.data.volumes import case_path as volume_path
 
 
@@ -188,22 +188,25 @@ def _check_file(
 ) -> None:
     """Problems of one h5 file: a slice (ndims 2 or 3: (H, W) or (C, H, W)) or a volume (3 or 4)."""
     if not path.is_file():
-        problems.append(f"{path}: file not found (listed in {listed_in})")
+        problems.append(f"{missing_file(path)} (listed in {listed_in})")
         return
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f:
                 problems.append(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
                 return
-            image = np.asarray(f["image"][()])
+            image = h5_array(f, "image", path)
             label = None
             if labelled:
                 if "label" not in f:
                     problems.append(f"{path}: no 'label' dataset but the case is labelled")
                 else:
-                    label = np.asarray(f["label"][()])
-    except (OSError, KeyError, ValueError) as err:  # truncated, not h5, or a damaged dataset
-        problems.append(f"{path}: cannot read h5 file ({err})")
+                    label = h5_array(f, "label", path)
+    except DataError as err:  # a group or text where an array of numbers belongs
+        problems.append(str(err))
+        return
+    except (OSError, KeyError, ValueError, TypeError) as err:  # truncated, not h5, or a damaged dataset
+        problems.append(f"{path}: cannot read h5 file ({' '.join(str(err).split())})")
         return
     what = "slice (H, W) or (C, H, W)" if ndims[0] == 2 else "volume (S, H, W) or (C, S, H, W)"
     if image.ndim not in ndims:

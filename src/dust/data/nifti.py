@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from dust.data.types import DataError
+from dust.data.types import DataError, missing_file, read_h5_arrays, read_h5_attrs
 from dust.storage import atomic_write
 
 log = logging.getLogger("dust")
@@ -49,7 +49,9 @@ def visible_files(folder: Path) -> list[Path]:
     """Files of a folder, sorted, without hidden ones (e.g. the ``._case.nii.gz`` macOS leaves in MSD tarballs)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    # a broken or looping symbolic link is kept, so that reading it names it instead of the case vanishing
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_file() or (p.is_symlink() and not p.is_dir())) and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------- orientation
@@ -81,17 +83,21 @@ def spacing_of(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float
 # ---------------------------------------------------------------------------------------------- reading
 def load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise missing_file(path)
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises several types for truncated or foreign files
         raise DataError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    if not np.isfinite(img.affine).all():  # no voxel has a place in space; a prediction would inherit it
+        raise DataError(f"{path}: its affine (sform/qform) holds NaN or Inf values")
     return img
 
 
 def _voxels(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    if img.get_data_dtype().kind == "c":  # a cast to real would silently drop the imaginary part
+        raise DataError(f"{path}: complex-valued voxels ({img.get_data_dtype()}); dust reads real-valued images")
     try:
         data = np.asarray(img.dataobj, dtype=np.float64)  # applies scl_slope / scl_inter
     except Exception as err:
@@ -297,6 +303,37 @@ def find_input_cases(path: Path) -> list[InputCase]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
+def read_h5_case(path: Path) -> tuple[np.ndarray, Grid]:
+    """An h5 volume as stored (C, S, H, W), taken as already prepared (``dust prepare`` output, the SSL4MIS or LA
+    layout: not normalised again), and the grid ``dust prepare`` recorded for it; an h5 without one is read in the
+    SSL4MIS convention (a (Z, Y, X) array, written back as (X, Y, Z) with an identity affine)."""
+    image, _ = read_h5_arrays(path, want_label=False)  # numbers, finite: what the NIfTI path checks too
+    attrs = read_h5_attrs(path)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
+    try:
+        affine = np.asarray(attrs.get("affine", np.eye(4)), dtype=np.float64)
+    except (TypeError, ValueError):
+        affine = np.empty(0)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{path}: attribute 'affine' must be a finite 4x4 matrix, got shape {affine.shape}")
+    slice_axis = attrs.get("slice_axis", 2)
+    if slice_axis not in (0, 1, 2):
+        raise DataError(f"{path}: attribute 'slice_axis' must be 0, 1 or 2, got {slice_axis!r}")
+    try:  # a 3D dataset's val / test case: cropped, at its own spacing (dust.data.volumes)
+        box = tuple((int(a), int(b)) for a, b in np.asarray(attrs["crop_box"])) if "crop_box" in attrs else None
+        full = tuple(int(n) for n in attrs["full_shape"]) if "full_shape" in attrs else None
+        spacing = tuple(float(v) for v in np.asarray(attrs["spacing"]).ravel()) if "spacing" in attrs else None
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: attributes 'crop_box', 'full_shape' or 'spacing' are not numbers") from None
+    if (box is None) != (full is None) or (box is not None and len(box) != 3):
+        raise DataError(f"{path}: attributes 'crop_box' and 'full_shape' must come together, one per (S, H, W) axis")
+    return image, Grid(int(slice_axis), affine, None, box=box, shape=full,
+                       spacing=spacing if spacing is not None and len(spacing) == 3 else None)
+
+
 def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> None:
     """Write an (S, H, W) array back on the input's voxel grid, with its affine and (when known) header."""
     data = from_stored(grid.uncrop(stored), grid.slice_axis).astype(dtype)
@@ -312,3 +349,61 @@ def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> Non
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=6)
     atomic_write(path, "wb", lambda f: f.write(data))
+
+
+def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float] | None = None) -> list[Path]:
+    """An h5 case (dust's or SSL4MIS's layout) as NIfTI: ``out_dir/<case>.nii.gz`` (``<case>_000k.nii.gz`` per
+    channel when there are several, the nnU-Net way) and, when it has one, ``out_dir/labels/<case>.nii.gz``.
+
+    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on (the arrays' axes reversed, so
+    ``(Z, Y, X)`` becomes ``(X, Y, Z)``); the affine is the one ``dust prepare`` stored, else a diagonal of
+    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
+    """
+    image, grid = read_h5_case(path)
+    _, label = read_h5_arrays(path, want_label=False, label_if_present=True)  # integer, finite, image-shaped
+    if label is not None:
+        if label.shape != image.shape[1:]:
+            raise DataError(f"{path}: label shape {label.shape} does not match the image's {image.shape[1:]}")
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise DataError(f"{path}: label values {int(label.min())}..{int(label.max())} do not fit the 0..255 "
+                            "of a label NIfTI (uint8)")
+        label = label.astype(np.uint8)
+    if spacing is not None:
+        grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
+    case = path.stem
+    names = [f"{case}.nii.gz"] if len(image) == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(len(image))]
+    written = [out_dir / name for name in names]
+    for channel, target in zip(image, written, strict=True):
+        write_stored(grid, channel, np.float32, target)
+    if label is not None:
+        written.append(out_dir / "labels" / f"{case}.nii.gz")
+        write_stored(grid, label, np.uint8, written[-1])
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- comparing grids
+def on_reference_grid(label: np.ndarray, img: nib.spatialimages.SpatialImage, path: Path,
+                      reference: nib.spatialimages.SpatialImage, reference_path: Path) -> np.ndarray:
+    """``label`` (``img``'s voxel order) on the voxel grid of ``reference``, compared in world space (mm).
+
+    A file stored in another axis order or with flipped axes but covering the same voxels in space (an affine
+    that says so) is permuted / flipped onto the reference's grid; nothing is interpolated. Anything else (a
+    grid shifted, rotated or of another size or voxel size) is refused with one line naming ``path``: scoring
+    voxels that lie elsewhere in space gives a number that means nothing.
+    """
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                                nib.orientations.io_orientation(reference.affine))
+    moved = nib.orientations.apply_orientation(label, transform)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(transform, label.shape)
+    if moved.shape != tuple(reference.shape[:3]):
+        raise DataError(f"{path}: its voxel grid {label.shape} does not match the reference {reference_path} "
+                        f"{tuple(reference.shape[:3])} (compared in world space)")
+    corners = np.array([[i, j, k, 1.0] for i in (0, moved.shape[0] - 1) for j in (0, moved.shape[1] - 1)
+                        for k in (0, moved.shape[2] - 1)]).T
+    apart = float(np.abs((affine - reference.affine) @ corners).max())  # mm between the same voxel's centres
+    voxel = min(spacing_of(reference))
+    if apart > 0.01 * voxel:  # further than 1% of a voxel: another place in space (or another voxel size)
+        raise DataError(f"{path}: lies elsewhere in space than the reference {reference_path}: the same voxel is up "
+                        f"to {apart:.3g} mm apart under the two affines (voxel size {voxel:.3g} mm); resample it "
+                        "onto the reference grid first")
+    return np.ascontiguousarray(moved)

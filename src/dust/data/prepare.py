@@ -485,7 +485,8 @@ def prepare_dataset(
     resampled to a planned spacing, with a plan for a 3D model (:mod:`dust.data.volumes`, ``volume_options``).
 
     Nothing is left behind on error: the dataset is written into a sibling folder and moved into place at
-    the end. ``out_dir`` may hold an earlier prepared dataset (it is replaced), not other files.
+    the end. ``out_dir`` may hold an earlier prepared dataset: the files that preparation wrote (listed in its
+    record) are replaced, and anything else there (the source, a user's notes) is kept untouched.
     """
     if intensity_norm not in INTENSITY_NORMS:
         raise ValueError(f"intensity normalisation must be one of {INTENSITY_NORMS}, got {intensity_norm!r}")
@@ -504,9 +505,12 @@ def prepare_dataset(
     picked = resolve_modalities(modalities, source.channel_names)
     splits = read_splits(splits_file, source.cases) if splits_file else draw_splits(
         source.cases, val, test, labeled, seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a folder; choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / DATASET_FILE).is_file():
         raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not a dataset dust prepared; "
                               "choose another --out")
+    written_before = prepared_files(out_dir)  # read (and refused if unreadable) before any work
     staging = out_dir.parent / f".{out_dir.name}.preparing"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / ("data" if dims == 2 else CASES)).mkdir(parents=True)
@@ -517,12 +521,11 @@ def prepare_dataset(
         else:
             record = _write_dataset_3d(source, source_dir, out_dir, staging, splits, picked, intensity_norm,
                                        slice_axis, seed, progress, volume_options or VolumeOptions())
+        _record_written_files(staging, record)
+        replace_prepared(staging, out_dir, written_before)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
     return record
 
 
@@ -736,3 +739,53 @@ def check_prepared(cfg: dict[str, Any], root: Path) -> None:
     if wrong:
         raise DataError(f"{path}: the config does not match how this dataset was prepared: {', '.join(wrong)}; "
                         f"use the data keys of {root / CONFIG_FILE}")
+
+
+# ---------------------------------------------------------------------------------------------- replacing
+def _record_written_files(staging: Path, record: dict[str, Any]) -> None:
+    """List every file this preparation wrote in its record, so that preparing again replaces exactly those."""
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    record["files"] = sorted({*files, DATASET_FILE})
+    (staging / DATASET_FILE).write_text(json.dumps(record, indent=1))
+
+
+def prepared_files(out_dir: Path) -> list[str]:
+    """The files (relative paths) an earlier ``dust prepare`` wrote into ``out_dir``, from its record; a record
+    older than the ``files`` list gives them by its cases' h5 names and the fixed file names."""
+    path = out_dir / DATASET_FILE
+    if not path.is_file():
+        return []
+    meta = _read_json(path)
+    if isinstance(meta.get("files"), list):  # only names inside out_dir: the record is a file anyone can edit
+        return [str(f) for f in meta["files"]
+                if isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts]
+    try:
+        h5 = [f"data/{name}.h5" for case in meta["cases"].values() for name in case["h5"]]
+    except (KeyError, TypeError, AttributeError):
+        raise DataError(f"{path}: cannot tell which files the earlier preparation wrote (no 'files' or 'cases' "
+                        "list); move the folder away or choose another --out") from None
+    return [*h5, "train_slices.list", "val.list", "test.list", "splits.json", DATASET_FILE, CONFIG_FILE]
+
+
+def replace_prepared(staging: Path, out_dir: Path, written_before: list[str]) -> None:
+    """Move the new dataset from ``staging`` into ``out_dir`` in place of the files the earlier preparation wrote.
+
+    Only those files are removed; anything else in ``out_dir`` stays (the source the user keeps there, notes,
+    a folder of their own). A new file whose name is taken by a file that preparation did not write is
+    refused before anything moves.
+    """
+    new = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    ours = set(written_before)
+    taken = [name for name in new if (out_dir / name).exists() and name not in ours]
+    if taken:
+        raise FileExistsError(f"{out_dir / taken[0]}: exists and was not written by dust prepare; it would be "
+                              f"replaced ({len(taken)} such file(s)); move it, or choose another --out")
+    for name in written_before:  # the earlier preparation's files, and the folders they leave empty
+        (out_dir / name).unlink(missing_ok=True)
+    for folder in sorted({(out_dir / name).parent for name in written_before}, key=lambda p: -len(p.parts)):
+        if folder != out_dir and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    for name in new:
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).replace(out_dir / name)
+    shutil.rmtree(staging)

@@ -13,22 +13,11 @@ full shape travel in the :class:`Grid`, so a prediction is uncropped and written
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from dust.data.nifti import (
-    Grid,
-    InputCase,
-    normalize,
-    read_channels,
-    spacing_of,
-    stored_axes,
-    to_stored,
-    write_stored,
-)
+from dust.data.nifti import Grid, InputCase, normalize, read_channels, read_h5_case, spacing_of, stored_axes, to_stored
 from dust.data.types import DataError
 
 
@@ -81,61 +70,10 @@ def read_input_case(case: InputCase, prep: Preprocessing) -> tuple[np.ndarray, G
     (Z, Y, X) array written back as (X, Y, Z) with an identity affine.
     """
     if case.is_h5:
-        return read_prepared_h5(case.paths[0])
+        return read_h5_case(case.paths[0])
     channels, reference = read_channels(case.paths, prep.modalities)
     image, box = prep.apply(channels, str(case.paths[0]))
     zooms = spacing_of(reference)
     spacing = tuple(zooms[a] for a in stored_axes(prep.slice_axis))
     full = tuple(channels.shape[1:][a] for a in stored_axes(prep.slice_axis))
     return image, Grid(prep.slice_axis, reference.affine, reference.header, type(reference), box, full, spacing)
-
-
-def read_prepared_h5(path) -> tuple[np.ndarray, Grid]:
-    """An h5 volume as stored (C, S, H, W) and the grid ``dust prepare`` recorded for it."""
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f or not isinstance(f["image"], h5py.Dataset):
-                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            attrs = dict(f.attrs)
-    except (OSError, TypeError, ValueError) as err:
-        raise DataError(f"{path}: cannot read h5 file ({err})") from None
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4:
-        raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
-    if not np.isfinite(image).all():
-        raise DataError(f"{path}: image contains NaN or Inf values")
-    affine = np.asarray(attrs["affine"], dtype=np.float64) if "affine" in attrs else np.eye(4)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise DataError(f"{path}: attribute 'affine' must be a finite 4x4 matrix, got shape {affine.shape}")
-    box = tuple((int(a), int(b)) for a, b in np.asarray(attrs["crop_box"])) if "crop_box" in attrs else None
-    full = tuple(int(n) for n in attrs["full_shape"]) if "full_shape" in attrs else None
-    spacing = tuple(float(s) for s in attrs["spacing"]) if "spacing" in attrs and image.ndim == 4 else None
-    if spacing is not None and len(spacing) != 3:
-        spacing = None  # a slice's (H, W) spacing: not a volume's
-    return image, Grid(int(attrs.get("slice_axis", 2)), affine, None, box=box, shape=full, spacing=spacing)
-
-
-def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float] | None = None) -> list[Path]:
-    """An h5 case (dust's or SSL4MIS's layout) as NIfTI: ``out_dir/<case>.nii.gz`` (``<case>_000k.nii.gz`` per
-    channel when there are several, the nnU-Net way) and, when it has one, ``out_dir/labels/<case>.nii.gz``.
-
-    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on (the arrays' axes reversed, so
-    ``(Z, Y, X)`` becomes ``(X, Y, Z)``); the affine is the one ``dust prepare`` stored, else a diagonal of
-    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
-    """
-    image, grid = read_prepared_h5(path)
-    with h5py.File(path, "r") as f:
-        label = np.asarray(f["label"][()], dtype=np.uint8) if "label" in f else None
-    if spacing is not None:
-        grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
-    case = path.stem
-    names = [f"{case}.nii.gz"] if len(image) == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(len(image))]
-    written = [out_dir / name for name in names]
-    for channel, target in zip(image, written, strict=True):
-        write_stored(grid, channel, np.float32, target)
-    if label is not None:
-        written.append(out_dir / "labels" / f"{case}.nii.gz")
-        write_stored(grid, label, np.uint8, written[-1])
-    return written

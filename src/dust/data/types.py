@@ -7,6 +7,7 @@ nnU-Net's arrays do); a NIfTI voxel grid maps onto that order through :mod:`dust
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+
+from dust.storage import write_error
 
 
 class DataError(ValueError):
@@ -143,34 +146,82 @@ def write_h5(path: Path, image: np.ndarray, label: np.ndarray | None = None,
              attrs: dict[str, Any] | None = None) -> None:
     """One case (or slice) in dust's h5 layout: ``image``, optionally ``label``, both gzip-compressed, and
     ``attrs`` (what ``dust prepare`` records: spacing, affine, ...)."""
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image, compression="gzip")
-        if label is not None:
-            f.create_dataset("label", data=label, compression="gzip")
-        f.attrs.update(attrs or {})
+    try:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("image", data=image, compression="gzip")
+            if label is not None:
+                f.create_dataset("label", data=label, compression="gzip")
+            f.attrs.update(attrs or {})
+    except OSError as err:  # h5py's message is HDF5's, several lines long, with the errno only inside its text
+        if err.errno is None and ("errno = 28" in str(err) or "No space left" in str(err)):
+            err = OSError(errno.ENOSPC, "No space left on device")
+        raise write_error(path, err) from None
 
 
-def read_h5_arrays(path: Path, want_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """``image`` (float32) and, when wanted, ``label`` of an h5 case, checked: readable, finite, same shape."""
+def missing_file(path: Path, what: str = "file") -> DataError:
+    """The error for a path that is not a readable file: a broken or looping symbolic link is said to be one (a
+    link whose target moved is the usual way a case goes missing in a folder of links)."""
+    if path.is_symlink():
+        try:
+            target = str(path.readlink())
+        except OSError:
+            target = "?"
+        return DataError(f"{path}: broken symbolic link (to {target}: missing, or a loop of links)")
+    if path.exists():
+        return DataError(f"{path}: not a regular {what}")
+    return DataError(f"{path}: {what} not found")
+
+
+def h5_array(f: h5py.File, key: str, path: Path) -> np.ndarray:
+    """``f[key]`` as an array, refused (one line naming the file) unless it is a dataset of numbers."""
+    item = f[key]
+    if not isinstance(item, h5py.Dataset):
+        raise DataError(f"{path}: '{key}' is a {type(item).__name__.lower()}, not an array")
+    if item.dtype.kind not in "biuf":
+        raise DataError(f"{path}: '{key}' holds {item.dtype} values, not numbers")
+    return np.asarray(item[()])
+
+
+def read_h5_arrays(path: Path, want_label: bool, label_if_present: bool = False,
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` (float32) and, when wanted, ``label`` of an h5 case, checked: readable arrays of numbers, a
+    finite image, an integer-valued label of the image's (trailing) shape. ``label_if_present``: the label is read
+    when the file has one and is no error when it has none."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise missing_file(path)
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f:
                 raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
-            image = np.asarray(f["image"][()], dtype=np.float32)
+            image = h5_array(f, "image", path).astype(np.float32)
             label = None
-            if want_label:
+            if want_label or (label_if_present and "label" in f):
                 if "label" not in f:
                     raise DataError(f"{path}: no 'label' dataset but the case is labelled")
-                label = np.asarray(f["label"][()])
-    except OSError as err:
-        raise DataError(f"{path}: cannot read h5 file ({err})") from None
+                label = h5_array(f, "label", path)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot read h5 file ({' '.join(str(err).split())})") from None
     if not np.isfinite(image).all():
         raise DataError(f"{path}: image contains NaN or Inf values")
-    if label is not None and label.shape != image.shape[-label.ndim :]:
-        raise DataError(f"{path}: image shape {image.shape} does not match label shape {label.shape}")
+    if label is not None:
+        if label.dtype.kind == "f" and not np.isfinite(label).all():
+            raise DataError(f"{path}: label contains NaN or Inf values")
+        if label.dtype.kind == "f" and not np.array_equal(label, np.round(label)):
+            raise DataError(f"{path}: label holds non-integer values; a label map needs integer classes")
+        if label.shape != image.shape[-label.ndim :]:
+            raise DataError(f"{path}: image shape {image.shape} does not match label shape {label.shape}")
     return image, label
+
+
+def read_h5_attrs(path: Path) -> dict[str, Any]:
+    """The attributes of an h5 case (what ``dust prepare`` records: spacing, affine, slice_axis...)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return dict(f.attrs)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise DataError(f"{path}: cannot read h5 attributes ({' '.join(str(err).split())})") from None
 
 
 def check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:

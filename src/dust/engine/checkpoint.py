@@ -26,6 +26,24 @@ def iteration_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def trained_model_files(ckpt_dir: Path) -> list[Path]:
+    """Every model file of a run: iteration checkpoints (also those moved aside as unreadable), ``best.pt`` and a
+    method's snapshots (``pretrain_kK.pt``). A run directory holding any of them holds trained work that a new
+    run must not overwrite unless the user says so (``dust train --overwrite``)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.name.endswith((".pt", ".pt.corrupt")) and not p.is_dir())
+
+
+def remove_trained_model_files(ckpt_dir: Path) -> list[Path]:
+    """Delete what :func:`trained_model_files` lists (and temp files of cut writes): ``--overwrite`` starts a run
+    again from iteration 0, and an older run's iteration checkpoints would otherwise outrank the new ones."""
+    removed = trained_model_files(ckpt_dir)
+    for path in [*removed, *ckpt_dir.glob(".*.pt.*.tmp")]:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def save_iteration_checkpoint(state: dict[str, Any], ckpt_dir: Path, iteration: int, keep: int) -> Path:
     path = ckpt_dir / f"iter_{iteration:07d}.pt"
     atomic_save(state, path)
@@ -48,6 +66,6 @@ def load_latest(ckpt_dir: Path) -> tuple[dict[str, Any], Path] | None:
                         aside.name, err)
     if found:
         raise CheckpointError(f"{ckpt_dir}: all {len(found)} checkpoint(s) are unreadable (moved aside as "
-                              "*.pt.corrupt); nothing to resume from. Start a new run (another run_dir), or "
-                              "restore a checkpoint")
+                              "*.pt.corrupt); nothing to resume from. Restore a checkpoint, start a new run (another "
+                              "run_dir), or start this one again from iteration 0 with --overwrite")
     return None

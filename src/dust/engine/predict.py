@@ -10,6 +10,7 @@ and header (:mod:`dust.data.nifti`), so a viewer overlays it on the input withou
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -25,19 +26,20 @@ from dust.data.nifti import (
     InputCase,
     find_input_cases,
     nifti_stem,
+    on_reference_grid,
     read_label_map,
     spacing_of,
     visible_files,
     write_stored,
 )
-from dust.data.prepare import RECORDED_KEYS
 from dust.data.preprocess import Preprocessing, read_input_case
-from dust.data.types import DataError
+from dust.data.types import DataError, missing_file
+from dust.engine.outputs import claim_outputs
 from dust.inference import Predictor
 from dust.methods import Method
-from dust.methods.loading import build_method, full_config, load_trained, pick_device
+from dust.methods.loading import build_method, load_trained, pick_device, stored_config
 from dust.metrics import case_metrics, summarize, write_case_csv
-from dust.storage import CheckpointError, load_checkpoint
+from dust.storage import CheckpointError, atomic_write_text, describe_content, load_checkpoint
 from dust.uncertainty import sample_uncertainty
 
 log = logging.getLogger("dust")
@@ -50,14 +52,17 @@ def load_for_inference(path: Path) -> tuple[Method, dict[str, Any]]:
     if isinstance(state, dict) and state.get("format") == "dust-checkpoint":
         method, cfg = load_trained(path)
     else:
+        if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+            raise CheckpointError(f"{path}: neither a dust checkpoint nor a network's weights (it holds "
+                                  f"{describe_content(state)})")
         config = path.resolve().parent.parent / "config.yaml"
         if not config.is_file():
             raise CheckpointError(f"{path}: holds network weights only, and its run's config {config} is missing")
-        cfg = full_config(load_config(config))
+        cfg = stored_config(load_config(config), config)  # someone else's run, perhaps: its method is not imported
         method = build_method(cfg, pick_device(cfg["device"]))
         try:
             method.networks["model"].load_state_dict(state)
-        except (KeyError, RuntimeError) as err:
+        except (KeyError, RuntimeError, TypeError) as err:
             raise CheckpointError(f"{path}: the weights do not fit the model of {config} ({err})") from None
     for net in method.networks.values():
         net.eval()
@@ -92,6 +97,9 @@ def predict_cases(
     method, cfg = load_for_inference(checkpoint)
     predictor = Predictor.from_config(cfg, pick_device(cfg["device"]))
     cases = find_input_cases(input_path)
+    # only files this model's earlier predict wrote may be replaced: checked for every case before the first
+    claim_outputs(out_dir, checkpoint, [out_dir / f"{c.case_id}{c.ending}" for c in cases] + (
+        [out_dir / "uncertainty" / f"{c.case_id}{c.ending}" for c in cases] if uncertainty else []))
     written, failed = [], []
     for case in _progress(cases, "predict", progress):
         try:  # a bad case is reported at the end; the others are still predicted
@@ -106,10 +114,17 @@ def predict_cases(
         if segmentation.uncertainty is not None:
             write_stored(grid, segmentation.uncertainty.numpy(), np.float32,
                          out_dir / "uncertainty" / f"{case.case_id}{case.ending}")
+    if failed and len(cases) == 1:
+        raise DataError(failed[0])  # the one case asked for: its own problem is the message
     if failed:
         raise DataError(f"{len(failed)} of {len(cases)} case(s) could not be predicted (the other {len(written)} "
                         f"are in {out_dir}):\n  " + "\n  ".join(failed))
     return written
+
+
+# config keys that say how and where a run was executed or shown, not what it trained
+SETTINGS_OF_THE_MACHINE = {"threads", "device", "progress", "tensorboard", "log_every", "keep_checkpoints",
+                           "data_dir", "generate_phantom", "inference_windows_per_batch", "channels_last"}
 
 
 def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, progress: bool = True) -> list[dict]:
@@ -125,11 +140,12 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
     models = [load_for_inference(Path(p)) for p in checkpoints]
     cfg = models[-1][1]
     for (_, other), path in zip(models, checkpoints, strict=True):
-        for key in ("method", "seed", "labeled_patients", "run_dir", *RECORDED_KEYS, "patch_size",
-                    "image_interpolation", "spatial_policy", "resample_factor"):
-            if other[key] != cfg[key]:
-                raise CheckpointError(f"{path}: {key}={other[key]!r} differs from {checkpoints[-1]}'s {cfg[key]!r}; "
-                                      "rank with checkpoints of one run")
+        # one run: the same config, but for settings that change no weight (a resume may change those); run_dir,
+        # seed and method alone would let two runs that reused one run directory pass for one
+        for key in sorted((set(cfg) | set(other)) - SETTINGS_OF_THE_MACHINE):
+            if other.get(key) != cfg.get(key):
+                raise CheckpointError(f"{path}: {key}={other.get(key)!r} differs from {checkpoints[-1]}'s "
+                                      f"{cfg.get(key)!r}; rank with checkpoints of one run")
     device = pick_device(cfg["device"])
     predictors = [(m, Predictor.from_config(c, device)) for m, c in models]
     region = cfg.get("sample_uncertainty_region", "image")  # as the run ranked its pool
@@ -144,12 +160,12 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
         rows.append({"case": case.case_id, "uncertainty": float(volume), "slices": len(per_slice),
                      "hardest_slice": int(torch.where(per_slice.isfinite(), per_slice, -1.0).argmax())})
     rows.sort(key=lambda r: -r["uncertainty"])  # stable: ties keep case order
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "case", "uncertainty", "slices", "hardest_slice"])
-        for i, r in enumerate(rows, 1):
-            writer.writerow([i, r["case"], f"{r['uncertainty']:.6g}", r["slices"], r["hardest_slice"]])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["rank", "case", "uncertainty", "slices", "hardest_slice"])
+    for i, r in enumerate(rows, 1):
+        writer.writerow([i, r["case"], f"{r['uncertainty']:.6g}", r["slices"], r["hardest_slice"]])
+    atomic_write_text(text.getvalue(), out_csv)  # a full disk or a folder at --out: one line naming it
     return rows
 
 
@@ -168,29 +184,28 @@ def evaluate_folders(
     if not refs:
         raise DataError(f"{ref_dir}: no reference NIfTI files (.nii.gz, .nii)")
     pairs = [(pred_dir / ref.name, ref) for ref in refs]
-    for pred, ref in pairs:  # every file checked before the first (slow) surface distance
+    for pred, ref in pairs:
         if not pred.is_file():
-            raise DataError(f"{pred}: file not found (the prediction for {ref})")
-    if class_names is None:  # a first pass for the labels present (the maps are not all held in memory)
-        found = sorted({int(v) for path in (p for pair in pairs for p in pair)
-                        for v in np.unique(read_label_map(path)[0])} - {0})
-        names = {v: str(v) for v in found}
-    else:
-        names = {i: n for i, n in enumerate(class_names) if i > 0}
-    per_case = []
-    for pred_path, ref_path in pairs:
+            raise DataError(f"{missing_file(pred)} (the prediction for {ref})")
+
+    def read_pair(pred_path: Path, ref_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         (pred, pred_img), (ref, ref_img) = read_label_map(pred_path), read_label_map(ref_path)
-        if pred.shape != ref.shape:
-            raise DataError(f"{pred_path}: shape {pred.shape} differs from the reference {ref_path} {ref.shape}")
-        spacing = spacing_of(ref_img)
-        if not np.allclose(spacing_of(pred_img), spacing, rtol=1e-3):
-            raise DataError(f"{pred_path}: voxel size {spacing_of(pred_img)} differs from the reference {ref_path} "
-                            f"{spacing}")
+        pred = on_reference_grid(pred, pred_img, pred_path, ref_img, ref_path)  # world space, not voxel order
         if class_names is not None:
             for label, path in ((pred, pred_path), (ref, ref_path)):
                 outside = sorted({int(v) for v in np.unique(label)} - set(range(len(class_names))))
                 if outside:
                     raise DataError(f"{path}: label values {outside} outside the {len(class_names)} class names")
+        return pred, ref, spacing_of(ref_img)
+
+    # a first pass checks every pair (and finds the labels present) before the first (slow) surface distance;
+    # the maps are not all held in memory
+    found = sorted({int(v) for pair in pairs for label in read_pair(*pair)[:2] for v in np.unique(label)} - {0})
+    names = {v: str(v) for v in found} if class_names is None else {
+        i: n for i, n in enumerate(class_names) if i > 0}
+    per_case = []
+    for pred_path, ref_path in pairs:
+        pred, ref, spacing = read_pair(pred_path, ref_path)
         per_case.append(case_metrics(pred, ref, names, spacing, empty_mask_policy=empty_mask_policy))
     summary = summarize(per_case, empty_mask_policy)
     out_dir = out_dir or pred_dir

@@ -28,16 +28,19 @@ from dust.config import dump_config, format_run_dir, resolve_data_dir
 from dust.data import TrainingData, load_training_data
 from dust.data.sampler import TwoStreamSampler
 from dust.engine import distributed
-from dust.engine.checkpoint import load_latest, save_iteration_checkpoint
+from dust.engine.checkpoint import iteration_checkpoints, load_latest, save_iteration_checkpoint
 from dust.engine.errors import NonFiniteLossError
 from dust.engine.run_lock import lock_run_directory
 from dust.methods import RunContext, Stage
 from dust.methods.loading import build_method, pick_device
 from dust.models.batchnorm import recalibrate_batchnorm
 from dust.models.layers import to_channels_last
-from dust.storage import atomic_save, check_compatible, load_network_weights
+from dust.storage import CheckpointError, atomic_save, check_compatible, check_writable_folder, load_network_weights
 
 log = logging.getLogger("dust")
+# what an iteration checkpoint holds beyond its weights and config, all of it needed to continue exactly
+RESUME_KEYS = ("iteration", "started_stage", "optimizer", "sampler", "torch_rng", "best", "history", "train_log",
+               "train_seconds", "method_state")
 
 
 @dataclass
@@ -120,8 +123,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.run_lock = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            check_writable_folder(self.run_dir)
             self.run_lock = lock_run_directory(self.run_dir)  # before anything is written: one process per run
+            check_writable_folder(self.ckpt_dir)  # now, not when the first checkpoint is due
         setup_logging(self.run_dir if self.is_main else None)
         if not self.is_main:
             log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
@@ -154,8 +158,6 @@ class Trainer:
         self.train_log: list[dict[str, float]] = []  # mean loss terms per log window
         self.train_seconds = 0.0
         self.writer = None
-        if self.is_main:
-            dump_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ helpers for methods
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -200,6 +202,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         check_compatible(state, path, self.cfg["method"], self.cfg["num_classes"])
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:  # e.g. best.pt copied over an iteration checkpoint: weights, but no optimiser or data order
+            raise CheckpointError(f"{path}: cannot resume from it: it lacks {', '.join(missing)} (best.pt holds "
+                                  "weights for inference only; resume from an iter_*.pt)")
         load_network_weights(self.method.networks, state, path)
         self.started_stage = int(state["started_stage"])
         self.iteration = int(state["iteration"])
@@ -268,6 +274,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg, method = self.cfg, self.method
+        if self.is_main:  # here, not in __init__: a refused resume leaves the run's record as it was
+            dump_config(cfg, self.run_dir / "config.yaml")
         if cfg["tensorboard"] and self.is_main:
             from torch.utils.tensorboard import SummaryWriter  # imported late: costs ~1 s
 
@@ -308,10 +316,11 @@ class Trainer:
             checked = distributed.mean_over_ranks(losses) if self.ranks.enabled else losses
             if not torch.isfinite(sum(checked.values())):
                 bad = [k for k, v in checked.items() if not torch.isfinite(v)]
+                saved = iteration_checkpoints(self.ckpt_dir)
+                kept = (f"the last good checkpoint ({saved[0]}) is untouched" if saved else
+                        "no checkpoint had been written yet (lower lr, or check the data)")
                 raise NonFiniteLossError(
-                    f"iteration {self.iteration}: loss term(s) {bad} are not finite; training stopped, the last "
-                    f"good checkpoint in {self.ckpt_dir} is untouched"
-                )
+                    f"iteration {self.iteration}: loss term(s) {bad} are not finite; training stopped, {kept}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.ranks.enabled:

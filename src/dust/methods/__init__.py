@@ -1,4 +1,10 @@
-"""Method registry. Built-ins register by name; a user's own class is named ``package.module:ClassName``."""
+"""Method registry. Built-ins register by name; a user's own class is named ``package.module:ClassName``.
+
+Importing a module runs its code, so a ``module:Class`` name is imported only when the user named it in this
+process (a config they wrote, ``--set method=...``, ``--method``): :func:`name_user_method` records that, and
+:func:`get_method` refuses every other ``module:Class``. A name found in a checkpoint or a run directory's
+``config.yaml`` (someone else's file, perhaps) therefore never imports anything by itself.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,35 @@ import importlib
 
 from dust.methods.base import Method, RunContext, Stage
 
-__all__ = ["Method", "RunContext", "Stage", "register", "get_method", "available_methods"]
+__all__ = ["Method", "RunContext", "Stage", "register", "get_method", "available_methods", "name_user_method",
+           "is_user_method", "refuse_unnamed_method", "UntrustedMethodError"]
 
 _REGISTRY: dict[str, type[Method]] = {}
+_NAMED_BY_USER: set[str] = set()  # module:Class names the user gave in this process
+
+
+class UntrustedMethodError(ValueError):
+    """A ``module:Class`` method that the user did not name in this process: importing it would run its code."""
+
+
+def is_user_method(name: str) -> bool:
+    """Whether ``name`` is a user's own class (``module:Class``) rather than a registered method."""
+    return ":" in str(name)
+
+
+def name_user_method(name: str) -> None:
+    """The user named ``name`` (config file, ``--set``, ``--method``): :func:`get_method` may import its module."""
+    if is_user_method(name):
+        _NAMED_BY_USER.add(str(name))
+
+
+def refuse_unnamed_method(name: str, source: object, how: str) -> None:
+    """Raise :class:`UntrustedMethodError` naming ``source`` when ``name`` is a ``module:Class`` the user has not
+    named in this process; ``how`` says how to name it in the command at hand (e.g. ``--method NAME``)."""
+    if is_user_method(name) and str(name) not in _NAMED_BY_USER:
+        raise UntrustedMethodError(
+            f"{source}: names the method {name!r}, code outside dust that it would have to import; dust imports a "
+            f"module only when you name it yourself: if you trust it, add {how}")
 
 
 def register(name: str):
@@ -49,9 +81,11 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
-    """Look up a registered method, or import ``package.module:ClassName`` from the user's own code."""
+    """Look up a registered method, or import ``package.module:ClassName`` from the user's own code (only a name
+    the user gave in this process: :func:`name_user_method`)."""
     _load_builtins()
-    if ":" in name:
+    if is_user_method(name):
+        refuse_unnamed_method(name, "the config", f"--method {name}")
         module_name, _, attr = name.partition(":")
         try:
             module = importlib.import_module(module_name)

@@ -11,20 +11,65 @@ from typing import Any
 
 import torch
 
-from dust.config import resolve_config
-from dust.methods import Method, get_method
+from dust.config import ConfigError, resolve_config
+from dust.methods import Method, get_method, name_user_method, refuse_unnamed_method
 from dust.models.layers import memory_format
-from dust.storage import CheckpointError, check_compatible, load_checkpoint, load_network_weights
+from dust.storage import (
+    CheckpointError,
+    check_compatible,
+    describe_content,
+    load_checkpoint,
+    load_network_weights,
+)
 
 
 def full_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """User config + the engine's and the chosen method's defaults."""
+    """A config the user wrote (file, ``--set``, a dict in their code) + the engine's and the method's defaults.
+
+    Its ``method``, if ``module:Class``, is the user's own choice and may be imported. A config read back from a
+    checkpoint or a run directory goes through :func:`stored_config` instead.
+    """
+    name_user_method(cfg.get("method", "supervised"))
     return resolve_config(cfg, get_method(cfg.get("method", "supervised")).defaults)
 
 
+def stored_config(cfg: Any, source: Path, how: str = "--method {name}") -> dict[str, Any]:
+    """A config dust wrote earlier (in a checkpoint, or a run's ``config.yaml``), resolved for use here.
+
+    It may come from someone else: a ``module:Class`` method it names is imported only when the user named the
+    same class in this command (``how``, with ``{name}``, says how), else an error naming ``source``. A device it
+    recorded that this machine lacks (a GPU run read on a laptop) becomes ``auto``: where a model ran before is
+    no choice of the user's here.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: the stored config is not a mapping of key: value")
+    name = str(cfg.get("method", "supervised"))
+    refuse_unnamed_method(name, source, how.format(name=name))
+    if not _device_available(str(cfg.get("device", "auto"))):
+        cfg = {**cfg, "device": "auto"}
+    try:
+        return resolve_config(cfg, get_method(name).defaults)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _device_available(name: str) -> bool:
+    if name.startswith("cuda"):
+        index = name.partition(":")[2]
+        return torch.cuda.is_available() and int(index or 0) < torch.cuda.device_count()
+    if name == "mps":
+        return torch.backends.mps.is_available()
+    return name in ("auto", "cpu")
+
+
 def pick_device(name: str) -> torch.device:
+    """The configured device (``auto``: CUDA where there is one, else the CPU); one asked for but absent here is a
+    ``ConfigError`` naming it, not PyTorch's message at the first tensor moved there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _device_available(name):
+        raise ConfigError(f"device: {name!r} is not available on this machine (PyTorch sees "
+                          f"{torch.cuda.device_count()} CUDA device(s)); use device=cpu or device=auto")
     return torch.device(name)
 
 
@@ -43,11 +88,12 @@ def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
 
 
 def load_trained(path: Path, device: torch.device | None = None) -> tuple[Method, dict[str, Any]]:
-    """A method with its weights from a checkpoint, and the checkpoint's config."""
+    """A method with its weights from a checkpoint, and the checkpoint's config. Loading runs no code of the
+    checkpoint's: weights only, and its method must be built in or named by the user (:func:`stored_config`)."""
     state = load_checkpoint(path)
-    if "config" not in state:
-        raise CheckpointError(f"{path}: checkpoint holds no config; was it written by dust?")
-    cfg = full_config(state["config"])
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{path}: not a dust checkpoint: it holds {describe_content(state)}, no config")
+    cfg = stored_config(state["config"], path)
     check_compatible(state, path, cfg["method"], cfg["num_classes"])
     device = device or pick_device(cfg["device"])
     method = build_method(cfg, device)

@@ -9,21 +9,18 @@ Everything is read from files the engine writes (``config.yaml``, ``checkpoints/
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dust.config import ConfigError
+from dust.config import ConfigError, load_config
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.evaluation import evaluate_checkpoint
 from dust.methods import get_method
-from dust.methods.loading import full_config
+from dust.methods.loading import stored_config
 from dust.metrics import METRIC_NAMES
-from dust.storage import load_checkpoint
+from dust.storage import load_checkpoint, read_json
 
 log = logging.getLogger("dust")
 
@@ -116,7 +113,7 @@ def load_run(run_dir: Path) -> RunRecord:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; is this a dust run directory?")
-    cfg = full_config(yaml.safe_load(config_path.read_text()))
+    cfg = stored_config(load_config(config_path), config_path)  # a run of someone else's: its method is not imported
     ckpt_dir = run_dir / "checkpoints"
     weights = {}
     newest = iteration_checkpoints(ckpt_dir)
@@ -145,7 +142,7 @@ def load_run(run_dir: Path) -> RunRecord:
             log.info("report: %s has no %s.csv; evaluating %s", run_dir, stem.name, weights[tag])
             evaluate_checkpoint(weights[tag], split, None, run_dir, tag=tag)
             run.notes.append(f"{stem.name}.* computed for this report from {weights[tag].relative_to(run_dir)}")
-        run.summaries[tag] = json.loads(stem.with_suffix(".json").read_text())
+        run.summaries[tag] = read_json(stem.with_suffix(".json"))
         run.cases[tag] = read_case_csv(stem.with_suffix(".csv"))
 
     ranked = run_dir / "sample_uncertainty.csv"
