@@ -192,7 +192,8 @@ def test_a_label_whose_affine_is_shifted_is_refused_naming_the_file(tmp_path: Pa
 def test_a_patch_the_network_cannot_divide_is_refused_naming_the_key(la_phantom_root: Path, tmp_path: Path, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "phantom3d" / "supervised.yaml"
     code = main(["train", "--config", str(config), "--set", f"data_dir={la_phantom_root}",
-                 "--set", "patch_size=[20,64,64]", "--set", f"run_dir={tmp_path / 'run'}"])
+                 "--set", "generate_phantom=false", "--set", "patch_size=[20,64,64]",
+                 "--set", f"run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "patch_size [20, 64, 64]" in err and "multiple of 16" in err and "[16, 64, 64]" in err
     assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
@@ -245,7 +246,8 @@ def la_nifti_model(tmp_path: Path, la_phantom_root: Path) -> Path:
     config = Path(__file__).resolve().parents[1] / "configs" / "phantom3d" / "supervised.yaml"
     run = tmp_path / "la_run"
     args = ["train", "--config", str(config), "--set", f"data_dir={la_phantom_root}", "--set", f"run_dir={run}"]
-    for item in ["iterations=4", "val_every=4", "threads=1", "channels=[4,8,16,32,64]", "progress=false"]:
+    for item in ["iterations=4", "val_every=4", "threads=1", "channels=[4,8,16,32,64]", "progress=false",
+                 "generate_phantom=false"]:  # the session's phantom, never rewritten with the config's own sizes
         args += ["--set", item]
     assert main(args) == 0
     return run / "checkpoints" / "best.pt"
