@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "bf16": "auto",
     "channels_last": True,  # channels_last memory format (channels_last_3d for a 3D model): faster convolutions on CPU
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
-    "device": "auto",  # auto | cpu | cuda
+    "device": "auto",  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N; dust train --device sets it
     # several processes (torchrun / dust train --nproc): BatchNorm statistics over all ranks (CUDA only)
     "sync_batchnorm": False,
     "run_dir": "runs/{method}_{labeled_patients}p_seed{seed}",
@@ -149,6 +150,7 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
         )
     resolved = copy.deepcopy(allowed)
     resolved.update({k: _typed(k, v, allowed[k]) for k, v in copy.deepcopy(cfg).items()})
+    check_device_name(resolved["device"])
     resolved["bf16"] = resolve_bf16(resolved["bf16"], resolved["device"])
     _check_choices(resolved)
     if len(resolved["class_names"]) != resolved["num_classes"]:
@@ -206,6 +208,19 @@ def _check_choices(cfg: dict[str, Any]) -> None:
     factor = cfg["resample_factor"]
     if not (isinstance(factor, int | float) and 0 < factor <= 4):
         raise ConfigError(f"resample_factor {factor!r}: expected a number in (0, 4]")
+
+
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(device: Any) -> None:
+    """Refuse a ``device`` that is none of auto | cpu | cuda | cuda:N (e.g. a misspelt one), naming the key.
+
+    Whether the device exists on this machine is checked where a device is picked
+    (:func:`dust.methods.loading.pick_device`), so a checkpoint trained with ``device: cuda`` still loads on a CPU.
+    """
+    if not isinstance(device, str) or not DEVICE_NAME.match(device):
+        raise ConfigError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def resolve_bf16(value: Any, device: str) -> bool:

@@ -28,15 +28,20 @@ def _command_line(args: argparse.Namespace) -> str:
     return "dust " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def add_device_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", metavar="DEVICE",
+                   help=f"where {what} runs: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; a device "
+                        "that is not here is refused")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dust.engine import distributed
-
-    if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
-        return distributed.launch(args.nproc, args.argv)
-    from dust.methods.loading import full_config
+    from dust.methods.loading import full_config, pick_device
     from dust.results import update_results
     from dust.workflows import train
 
+    if args.device:
+        args.set = [*args.set, f"device={args.device}"]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -48,6 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("dust train needs --config FILE (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.set)
     cfg = full_config(cfg)
+    pick_device(cfg["device"])  # an absent device is one line here, before any process or run folder
+    if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
+        return distributed.launch(args.nproc, args.argv)
     records = train(cfg, resume=bool(args.resume), command=_command_line(args))
     if not distributed.ranks_from_env().is_main:
         return 0  # rank 0 records and prints
@@ -74,7 +82,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ConfigError("dust evaluate needs --checkpoint CKPT (or --pred DIR --ref DIR)")
     summary = evaluate_checkpoint(Path(args.checkpoint), args.split, args.data_dir,
-                                  Path(args.out) if args.out else None, empty_mask_policy=args.empty_mask_policy)
+                                  Path(args.out) if args.out else None, empty_mask_policy=args.empty_mask_policy,
+                                  device=args.device)
     print(json.dumps(summary["overall"], indent=1))
     return 0
 
@@ -83,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dust.methods.loading import full_config
     from dust.workflows import chance_dice, train
 
-    cfg = load_config(args.config, [f"run_dir={args.out}", *args.set])
+    device = [f"device={args.device}"] if args.device else []
+    cfg = load_config(args.config, [f"run_dir={args.out}", *args.set, *device])
     cfg = full_config(cfg)
     print(f"dust demo: {cfg['method']} on the synthetic cardiac phantom ({cfg['data_dir']}), "
           f"{cfg['iterations']} iterations; run directory {args.out}")
@@ -144,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", metavar="JSON", help="append the last/best records to a results JSON")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel over N processes on this machine (as torchrun; see docs/distributed.md)")
+    add_device_argument(p, "training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split's volumes, or folders of NIfTI labels")
@@ -158,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-mask-policy", choices=["dust", "nnunet", "exclude"],
                    help="how a class empty in prediction or reference scores (docs/metrics.md; default: the run's, "
                         "or dust)")
+    add_device_argument(p, "the checkpoint")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the phantom, train DUST, evaluate, print per-class Dice")
@@ -165,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: DUST on the phantom; configs/phantom/supervised.yaml for the supervised baseline")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_device_argument(p, "the demo")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("results", help="regenerate the Markdown results table from a results JSON")

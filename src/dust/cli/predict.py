@@ -10,7 +10,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dust.engine.predict import predict_cases
 
     out = Path(args.output)
-    written = predict_cases(Path(args.checkpoint), Path(args.input), out, uncertainty=args.uncertainty)
+    written = predict_cases(Path(args.checkpoint), Path(args.input), out, uncertainty=args.uncertainty,
+                            device=args.device)
     extra = f" and uncertainty maps in {out / 'uncertainty'}" if args.uncertainty else ""
     print(f"dust predict: {len(written)} label map(s) in {out}{extra}")
     return 0
@@ -25,4 +26,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder for <case>.nii.gz label maps")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write uncertainty/<case>.nii.gz: decoder KL (dual-decoder models) or entropy")
+    p.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_predict)

@@ -10,7 +10,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from dust.engine.predict import rank_cases
 
     out = Path(args.out)
-    rows = rank_cases([Path(p) for p in args.checkpoints], Path(args.input), out)
+    rows = rank_cases([Path(p) for p in args.checkpoints], Path(args.input), out, device=args.device)
     print(f"dust rank: {len(rows)} case(s), hardest first, in {out}")
     for i, row in enumerate(rows[: args.show], 1):
         print(f"  {i:>3}  {row['case']}  {row['uncertainty']:.4g}  (hardest slice {row['hardest_slice']})")
@@ -26,4 +26,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="a folder of unlabelled cases (or one case file)")
     p.add_argument("--out", default="ranking.csv", help="CSV to write (default: ranking.csv)")
     p.add_argument("--show", type=int, default=10, help="print this many of the hardest cases")
+    p.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_rank)

@@ -59,12 +59,12 @@ def write_evaluation(out_dir: Path, tag: str, volumes: list[Volume], per_case: l
 
 def evaluate_checkpoint(
     path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None,
-    empty_mask_policy: str | None = None,
+    empty_mask_policy: str | None = None, device: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
     defaults to the checkpoint's file name) into its run directory (or, outside a run, beside it).
     ``empty_mask_policy`` overrides the run's."""
-    method, cfg = load_trained(path)
+    method, cfg = load_trained(path, device)  # device None: auto, whatever the run trained on
     if empty_mask_policy is not None:
         cfg = full_config({**cfg, "empty_mask_policy": empty_mask_policy})
     root = resolve_data_dir(data_dir or cfg["data_dir"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dust.config import resolve_config
+from dust.config import ConfigError, check_device_name, resolve_config
 from dust.methods import Method, get_method
 from dust.models.layers import memory_format
 from dust.storage import CheckpointError, check_compatible, load_checkpoint, load_network_weights
@@ -23,9 +23,20 @@ def full_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when this PyTorch sees a GPU, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as asked, or a
+    ``ConfigError`` (one line) when the asked device is not here."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this PyTorch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ConfigError(f"device {name!r}: {why}; use --device cpu (or auto: CUDA when available, else CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
@@ -42,14 +53,18 @@ def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
     return method
 
 
-def load_trained(path: Path, device: torch.device | None = None) -> tuple[Method, dict[str, Any]]:
-    """A method with its weights from a checkpoint, and the checkpoint's config."""
-    state = load_checkpoint(path)
+def load_trained(path: Path, device: torch.device | str | None = None) -> tuple[Method, dict[str, Any]]:
+    """A method with its weights from a checkpoint, and the checkpoint's config.
+
+    The weights go to ``device`` (default ``auto``: CUDA when available, else the CPU), whatever device the run
+    trained on; the returned config's ``device`` says where they are (a run's ``device: cuda`` predicts on a CPU).
+    """
+    state = load_checkpoint(path)  # tensors mapped to the CPU first
     if "config" not in state:
         raise CheckpointError(f"{path}: checkpoint holds no config; was it written by dust?")
-    cfg = full_config(state["config"])
+    device = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    cfg = full_config({**state["config"], "device": str(device)})
     check_compatible(state, path, cfg["method"], cfg["num_classes"])
-    device = device or pick_device(cfg["device"])
     method = build_method(cfg, device)
     load_network_weights(method.networks, state, path)
     return method, cfg
