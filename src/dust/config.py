@@ -76,7 +76,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "seed": 1337,
     # engine
     "val_every": 200,
-    "log_every": 20,
+    "log_every": 20,  # mean loss terms into train.log, TensorBoard and the progress bar every N iterations
     "keep_checkpoints": 2,
     # Before each validation (and so before a stage's pseudo-labels are made from that checkpoint), re-estimate
     # the BatchNorm running statistics over this many training batches with dropout off (dust.models.batchnorm).

@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dust.engine.evaluation import evaluate_checkpoint
+    from dust.engine.evaluation import evaluate_checkpoint, evaluation_folder
 
     if args.pred or args.ref:  # folders of NIfTIs, as nnU-Net's evaluate-folder
         from dust.engine.predict import evaluate_folders
@@ -81,10 +81,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise ConfigError("dust evaluate needs --checkpoint CKPT (or --pred DIR --ref DIR)")
-    summary = evaluate_checkpoint(Path(args.checkpoint), args.split, args.data_dir,
-                                  Path(args.out) if args.out else None, empty_mask_policy=args.empty_mask_policy,
-                                  device=args.device)
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else evaluation_folder(checkpoint)
+    summary = evaluate_checkpoint(checkpoint, args.split, args.data_dir, out,
+                                  empty_mask_policy=args.empty_mask_policy, device=args.device)
     print(json.dumps(summary["overall"], indent=1))
+    print(f"dust evaluate: per-case metrics in {out / f'metrics_{args.split}_{checkpoint.stem}.csv'}")
     return 0
 
 
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--split", default="val", help="list name: val, test, ... (<split>.list in the dataset)")
     p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's config)")
-    p.add_argument("--out", help="folder for metrics CSV/JSON (default: the run directory, or --pred)")
+    p.add_argument("--out", help="folder for metrics CSV/JSON (default: a run's checkpoint: its run directory; "
+                                 "another checkpoint: runs/evaluate/<name>/; --pred/--ref: the --pred folder)")
     p.add_argument("--pred", metavar="DIR", help="predicted label NIfTIs, scored against --ref files of the same name")
     p.add_argument("--ref", metavar="DIR", help="reference label NIfTIs (their header spacing gives mm distances)")
     p.add_argument("--class-names", nargs="+", metavar="NAME",
