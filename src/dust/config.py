@@ -111,13 +111,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config and apply ``key=value`` overrides (no defaults merged yet).
 
     ``extends: other.yaml`` (a path relative to the file) reads that config first and lays this file's keys over
-    it, so a protocol variant (e.g. LA at full resolution on a GPU) states only what differs.
+    it, so a protocol variant (e.g. LA at full resolution on a GPU) states only what differs. ``path`` that is not
+    a file is looked up among the configs shipped with dust (:func:`find_config`: ``la/mcf`` from any folder).
     """
     cfg: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = find_config(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -137,6 +136,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         key, value = item.split("=", 1)
         cfg[key.strip()] = parse_value(value)
     return cfg
+
+
+def shipped_configs() -> Path:
+    """The configs shipped with dust: ``dust/configs`` inside an installed wheel, else the repository's ``configs/``
+    (a source checkout or an editable install; the wheel's copy is built from that one folder)."""
+    here = Path(__file__).resolve().parent
+    inside = here / "configs"
+    return inside if inside.is_dir() else here.parents[1] / "configs"
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: ``name`` when it is a file, else a shipped config named like it (``la/mcf``, ``la/mcf.yaml``
+    or ``configs/la/mcf.yaml``: the repository's path works from any folder too)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    root = shipped_configs()
+    relative = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    if not path.is_absolute():
+        for candidate in (root / relative, root / relative.with_name(relative.name + ".yaml")):
+            if candidate.is_file():
+                return candidate
+    groups = ", ".join(sorted(f"{d.name}/*" for d in root.iterdir() if d.is_dir())) if root.is_dir() else "none"
+    raise ConfigError(f"config file not found: {path} (nor a config shipped with dust: {groups}; e.g. la/mcf)")
 
 
 def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict[str, Any]:

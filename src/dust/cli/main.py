@@ -15,7 +15,6 @@ from dust.data.types import DataError
 from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFailedError
 from dust.storage import CheckpointError, DiskFullError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 USER_ERRORS = (
     ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFailedError, RunDirectoryBusyError, FileExistsError,
     FileNotFoundError, DiskFullError,
@@ -96,6 +95,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     device = [f"device={args.device}"] if args.device else []
     cfg = load_config(args.config, [f"run_dir={args.out}", *args.set, *device])
+    if args.iterations is not None:  # the short form: a run of N iterations, validated at its end (at least)
+        cfg["iterations"] = args.iterations
+        cfg["val_every"] = min(int(cfg.get("val_every", args.iterations)), args.iterations)
     cfg = full_config(cfg)
     print(f"dust demo: {cfg['method']} on the synthetic cardiac phantom ({cfg['data_dir']}), "
           f"{cfg['iterations']} iterations; run directory {args.out}")
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a method from a YAML config, then evaluate last/best on val")
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file, or the name of one shipped with dust (e.g. la/mcf: "
+                                    "configs/la/mcf.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     p.add_argument("--record", metavar="JSON", help="append the last/best records to a results JSON")
@@ -176,9 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the phantom, train DUST, evaluate, print per-class Dice")
-    p.add_argument("--config", default=str(REPO_CONFIGS / "phantom" / "dust.yaml"),
-                   help="default: DUST on the phantom; configs/phantom/supervised.yaml for the supervised baseline")
+    p.add_argument("--config", default="phantom/dust",
+                   help="default: phantom/dust (DUST on the phantom, a config shipped with dust); phantom/supervised "
+                        "for the supervised baseline")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--iterations", type=int, metavar="N", help="train N iterations instead of the config's (e.g. 20: "
+                                                               "a check that everything runs, not a model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_device_argument(p, "the demo")
     p.set_defaults(func=cmd_demo)
