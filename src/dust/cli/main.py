@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dust.cli import benchmark, check_data, export, predict, prepare, rank, report
+from dust.cli import benchmark, check_data, export, export_model, predict, prepare, rank, report
 from dust.config import ConfigError, load_config
 from dust.data.types import DataError
 from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFailedError
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_parser(sub)
     predict.add_parser(sub)
     export.add_parser(sub)
+    export_model.add_parser(sub)
     rank.add_parser(sub)
     report.add_parser(sub)
     benchmark.add_parser(sub)
