@@ -51,10 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("dust train needs --config FILE (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.set)
-    cfg = full_config(cfg)
-    pick_device(cfg["device"])  # an absent device is one line here, before any process or run folder
+    pick_device(cfg.get("device", "auto"))  # an absent device is one line here, before any process or run folder
     if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
         return distributed.launch(args.nproc, args.argv)
+    cfg = full_config(cfg)
     records = train(cfg, resume=bool(args.resume), command=_command_line(args))
     if not distributed.ranks_from_env().is_main:
         return 0  # rank 0 records and prints
