@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of PyTorch (see DEVELOPERS.md); an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+export TORCH  # tests/test_packaging.py installs the same build into its clean venv
 DUST_DATA ?= $(abspath ../shared/data)
 export DUST_DATA
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(TORCH)
+	$(VENV)/bin/python -m pip uninstall -q -y dust 2>/dev/null || true  # the distribution's name before dust-seg
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
 	touch $@
 

@@ -34,7 +34,8 @@ class ProbeDust(DUST):
         state = super().extra_state()
         if getattr(self, "completed", 0) == sum(stage.iterations for stage in self.stages()):
             torch.save({"weights": self.networks["model"].state_dict(), "drawn": self.drawn,
-                        "pseudo_labels": self.run.data.unlabeled.pseudo_labels, "order": self.order},
+                        "pseudo_labels": self.run.data.unlabeled.pseudo_labels, "order": self.order,
+                        "launcher": os.environ.get("TORCHELASTIC_RUN_ID")},
                        os.path.join(os.environ["PROBE_DIR"], f"rank{dist.get_rank()}.pt"))
         return state
 '''
@@ -62,6 +63,7 @@ def test_two_cpu_processes_train_dust_in_lockstep_and_only_rank0_writes(tmp_path
     assert main(["train", "--nproc", "2", "--config", str(config)]) == 0
 
     rank0, rank1 = (torch.load(probes / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["launcher"] and rank0["launcher"] == rank1["launcher"]  # started by torchrun's launcher
     assert rank0["weights"].keys() == rank1["weights"].keys()
     assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])  # incl. BN stats
     assert rank0["drawn"] != rank1["drawn"]  # each rank trained on its own batches
@@ -78,6 +80,41 @@ def test_two_cpu_processes_train_dust_in_lockstep_and_only_rank0_writes(tmp_path
     assert len(lines) == len(set(lines)) and sum("): val Dice" in line for line in lines) == 2
     assert not [p for p in run.rglob(".*") if p.is_file()]  # no temp files
     assert (run / "results.json").is_file() and (run / "sample_uncertainty.csv").is_file()
+
+
+@pytest.mark.slow
+def test_nproc_through_torchrun_gives_the_job_of_ranks_started_by_hand(tmp_path: Path, phantom_root: Path):
+    """`dust train --nproc 2` (torch.distributed.run) ends with the weights of two processes started by hand with
+    the torchrun variables, as dust's own launcher started them before."""
+    import socket
+    import subprocess
+    import sys
+
+    from dust.cli.main import main
+    from dust.engine.checkpoint import load_checkpoint
+
+    def config(run: Path) -> Path:
+        path = tmp_path / f"{run.name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "method": "mean_teacher", "data_dir": str(phantom_root.resolve()), "labeled_patients": 2,
+            "patch_size": [32, 32], "channels": [4, 8, 16, 32, 64], "batch_size": 2, "unlabeled_batch_size": 2,
+            "iterations": 6, "val_every": 6, "threads": 1, "tensorboard": False, "progress": False,
+            "run_dir": str(run)}))
+        return path
+
+    assert main(["train", "--nproc", "2", "--config", str(config(tmp_path / "torchrun"))]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "dust", "train", "--config", str(config(tmp_path / "by_hand"))]
+    ranks = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    assert [p.wait(timeout=600) for p in ranks] == [0, 0]
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "iter_0000006.pt") for run in ("torchrun", "by_hand"))
+    for name in ("model", "teacher"):
+        assert all(torch.equal(v, b["networks"][name][k]) for k, v in a["networks"][name].items()), name
+    assert a["history"] == b["history"]
 
 
 # ---------------------------------------------------------------------------------------------- the helpers

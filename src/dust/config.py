@@ -86,7 +86,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "seed": 1337,
     # engine
     "val_every": 200,
-    "log_every": 20,
+    "log_every": 20,  # mean loss terms into train.log, TensorBoard and the progress bar every N iterations
     "keep_checkpoints": 2,
     # Before each validation (and so before a stage's pseudo-labels are made from that checkpoint), re-estimate
     # the BatchNorm running statistics over this many training batches with dropout off (dust.models.batchnorm).
@@ -99,7 +99,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "bf16": "auto",
     "channels_last": True,  # channels_last memory format (channels_last_3d for a 3D model): faster convolutions on CPU
     "threads": 0,  # torch.set_num_threads; 0 keeps torch's default
-    "device": "auto",  # auto | cpu | cuda | cuda:N | mps
+    "device": "auto",  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N; dust train --device sets it
     # several processes (torchrun / dust train --nproc): BatchNorm statistics over all ranks (CUDA only)
     "sync_batchnorm": False,
     "run_dir": "runs/{method}_{labeled_patients}p_seed{seed}",
@@ -155,13 +155,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     """Read a YAML config and apply ``key=value`` overrides (no defaults merged yet).
 
     ``extends: other.yaml`` (a path relative to the file) reads that config first and lays this file's keys over
-    it, so a protocol variant (e.g. LA at full resolution on a GPU) states only what differs.
+    it, so a protocol variant (e.g. LA at full resolution on a GPU) states only what differs. ``path`` that is not
+    a file is looked up among the configs shipped with dust (:func:`find_config`: ``la/mcf`` from any folder).
     """
     cfg: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = find_config(path)
         if path.resolve() in _extended_by:  # a chain of extends: that comes back to a file would never end
             chain = " -> ".join(str(p) for p in (*_extended_by, path.resolve()))
             raise ConfigError(f"{path}: extends: comes back to itself ({chain})")
@@ -186,6 +185,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     return cfg
 
 
+def shipped_configs() -> Path:
+    """The configs shipped with dust: ``dust/configs`` inside an installed wheel, else the repository's ``configs/``
+    (a source checkout or an editable install; the wheel's copy is built from that one folder)."""
+    here = Path(__file__).resolve().parent
+    inside = here / "configs"
+    return inside if inside.is_dir() else here.parents[1] / "configs"
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: ``name`` when it is a file, else a shipped config named like it (``la/mcf``, ``la/mcf.yaml``
+    or ``configs/la/mcf.yaml``: the repository's path works from any folder too)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    root = shipped_configs()
+    relative = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    if not path.is_absolute():
+        for candidate in (root / relative, root / relative.with_name(relative.name + ".yaml")):
+            if candidate.is_file():
+                return candidate
+    groups = ", ".join(sorted(f"{d.name}/*" for d in root.iterdir() if d.is_dir())) if root.is_dir() else "none"
+    raise ConfigError(f"config file not found: {path} (nor a config shipped with dust: {groups}; e.g. la/mcf)")
+
+
 def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict[str, Any]:
     """Merge engine and method defaults under the user's values; reject keys nobody reads."""
     allowed = {**BASE_DEFAULTS, **method_defaults}
@@ -198,6 +221,7 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
     resolved = copy.deepcopy(allowed)
     resolved.update({k: _typed(k, v, allowed[k]) for k, v in copy.deepcopy(cfg).items()})
     _check_finite(resolved)
+    check_device_name(resolved["device"])
     resolved["bf16"] = resolve_bf16(resolved["bf16"], resolved["device"])
     _check_choices(resolved)
     if len(resolved["class_names"]) != resolved["num_classes"]:
@@ -246,13 +270,8 @@ def _check_ranges(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range (expected {bound})")
 
 
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
 def _check_choices(cfg: dict[str, Any]) -> None:
     _check_ranges(cfg)
-    if not DEVICE.match(str(cfg["device"])):
-        raise ConfigError(f"device: {cfg['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f"{key}: {cfg[key]!r} is not one of {list(choices)}")
@@ -295,6 +314,19 @@ def _check_patch_divisible(cfg: dict[str, Any]) -> None:
     up = [-(-p // step) * step for p in patch]
     raise ConfigError(f"patch_size {patch}: the {cfg['model']} halves each axis {len(channels) - 1} times, so each "
                       f"size must be a multiple of {step}; e.g. {down} or {up}")
+
+
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(device: Any) -> None:
+    """Refuse a ``device`` that is none of auto | cpu | cuda | cuda:N (e.g. a misspelt one), naming the key.
+
+    Whether the device exists on this machine is checked where a device is picked
+    (:func:`dust.methods.loading.pick_device`), so a checkpoint trained with ``device: cuda`` still loads on a CPU.
+    """
+    if not isinstance(device, str) or not DEVICE_NAME.match(device):
+        raise ConfigError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def resolve_bf16(value: Any, device: str) -> bool:

@@ -24,6 +24,6 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="check a config's dataset (files, shapes, labels, splits) before training")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--config", required=True, help="YAML config file, or a shipped config's name (e.g. la/mcf)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_check_data)

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dust.cli import benchmark, check_data, export, predict, prepare, rank, report
+from dust.cli import benchmark, check_data, export, export_model, predict, prepare, rank, report
 from dust.cli.options import add_method_option, trust_named_methods
 from dust.config import ConfigError, format_run_dir, load_config
 from dust.data.types import DataError
@@ -17,7 +17,6 @@ from dust.engine.errors import NonFiniteLossError, RunDirectoryBusyError, RunFai
 from dust.methods import name_user_method, refuse_unnamed_method
 from dust.storage import CheckpointError, DiskFullError, read_json
 
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 USER_ERRORS = (
     ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFailedError, RunDirectoryBusyError, FileExistsError,
     FileNotFoundError, DiskFullError,
@@ -39,15 +38,20 @@ def _command_line(args: argparse.Namespace) -> str:
     return "dust " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def add_device_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", metavar="DEVICE",
+                   help=f"where {what} runs: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; a device "
+                        "that is not here is refused")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dust.engine import distributed
-
-    if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
-        return distributed.launch(args.nproc, args.argv)
-    from dust.methods.loading import full_config
+    from dust.methods.loading import full_config, pick_device
     from dust.results import update_results
     from dust.workflows import train
 
+    if args.device:
+        args.set = [*args.set, f"device={args.device}"]
     if args.resume:
         run_dir = Path(args.resume)
         stored = run_dir / "config.yaml"
@@ -64,6 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("dust train needs --config FILE (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.set)
+    pick_device(cfg.get("device", "auto"))  # an absent device is one line here, before any process or run folder
+    if args.nproc > 1 and "RANK" not in os.environ:  # the launcher: start the ranks, each runs this command
+        return distributed.launch(args.nproc, args.argv)
     cfg = full_config(cfg)
     try:
         records = train(cfg, resume=bool(args.resume), command=_command_line(args), overwrite=args.overwrite)
@@ -81,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dust.engine.evaluation import evaluate_checkpoint
+    from dust.engine.evaluation import evaluate_checkpoint, evaluation_folder
 
     trust_named_methods(args)
     if args.pred or args.ref:  # folders of NIfTIs, as nnU-Net's evaluate-folder
@@ -95,9 +102,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise ConfigError("dust evaluate needs --checkpoint CKPT (or --pred DIR --ref DIR)")
-    summary = evaluate_checkpoint(Path(args.checkpoint), args.split, args.data_dir,
-                                  Path(args.out) if args.out else None, empty_mask_policy=args.empty_mask_policy)
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else evaluation_folder(checkpoint)
+    summary = evaluate_checkpoint(checkpoint, args.split, args.data_dir, out,
+                                  empty_mask_policy=args.empty_mask_policy, device=args.device)
     print(json.dumps(summary["overall"], indent=1))
+    print(f"dust evaluate: per-case metrics in {out / f'metrics_{args.split}_{checkpoint.stem}.csv'}")
     return 0
 
 
@@ -105,7 +115,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dust.methods.loading import full_config
     from dust.workflows import chance_dice, train
 
-    cfg = load_config(args.config, [f"run_dir={args.out}", *args.set])
+    device = [f"device={args.device}"] if args.device else []
+    cfg = load_config(args.config, [f"run_dir={args.out}", *args.set, *device])
+    if args.iterations is not None:  # the short form: a run of N iterations, validated at its end (at least)
+        cfg["iterations"] = args.iterations
+        cfg["val_every"] = min(int(cfg.get("val_every", args.iterations)), args.iterations)
     cfg = full_config(cfg)
     print(f"dust demo: {cfg['method']} on the synthetic cardiac phantom ({cfg['data_dir']}), "
           f"{cfg['iterations']} iterations; run directory {args.out}")
@@ -163,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a method from a YAML config, then evaluate last/best on val")
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file, or the name of one shipped with dust (e.g. la/mcf: "
+                                    "configs/la/mcf.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     p.add_argument("--record", metavar="JSON", help="append the last/best records to a results JSON")
@@ -172,13 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "run's checkpoints (without it, such a run directory is refused)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel over N processes on this machine (as torchrun; see docs/distributed.md)")
+    add_device_argument(p, "training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split's volumes, or folders of NIfTI labels")
     p.add_argument("--checkpoint")
     p.add_argument("--split", default="val", help="list name: val, test, ... (<split>.list in the dataset)")
     p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's config)")
-    p.add_argument("--out", help="folder for metrics CSV/JSON (default: the run directory, or --pred)")
+    p.add_argument("--out", help="folder for metrics CSV/JSON (default: a run's checkpoint: its run directory; "
+                                 "another checkpoint: runs/evaluate/<name>/; --pred/--ref: the --pred folder)")
     p.add_argument("--pred", metavar="DIR", help="predicted label NIfTIs, scored against --ref files of the same name")
     p.add_argument("--ref", metavar="DIR", help="reference label NIfTIs (their header spacing gives mm distances)")
     p.add_argument("--class-names", nargs="+", metavar="NAME",
@@ -187,13 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a class empty in prediction or reference scores (docs/metrics.md; default: the run's, "
                         "or dust)")
     add_method_option(p)
+    add_device_argument(p, "the checkpoint")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the phantom, train DUST, evaluate, print per-class Dice")
-    p.add_argument("--config", default=str(REPO_CONFIGS / "phantom" / "dust.yaml"),
-                   help="default: DUST on the phantom; configs/phantom/supervised.yaml for the supervised baseline")
+    p.add_argument("--config", default="phantom/dust",
+                   help="default: phantom/dust (DUST on the phantom, a config shipped with dust); phantom/supervised "
+                        "for the supervised baseline")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--iterations", type=int, metavar="N", help="train N iterations instead of the config's (e.g. 20: "
+                                                               "a check that everything runs, not a model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_device_argument(p, "the demo")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("results", help="regenerate the Markdown results table from a results JSON")
@@ -213,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_parser(sub)
     predict.add_parser(sub)
     export.add_parser(sub)
+    export_model.add_parser(sub)
     rank.add_parser(sub)
     report.add_parser(sub)
     benchmark.add_parser(sub)

@@ -13,7 +13,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     trust_named_methods(args)
     out = Path(args.output)
-    written = predict_cases(Path(args.checkpoint), Path(args.input), out, uncertainty=args.uncertainty)
+    written = predict_cases(Path(args.checkpoint), Path(args.input), out, uncertainty=args.uncertainty,
+                            device=args.device)
     extra = f" and uncertainty maps in {out / 'uncertainty'}" if args.uncertainty else ""
     print(f"dust predict: {len(written)} label map(s) in {out}{extra}")
     return 0
@@ -31,4 +32,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write uncertainty/<case>.nii.gz: decoder KL (dual-decoder models) or entropy")
     add_method_option(p)
+    p.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_predict)

@@ -13,7 +13,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     trust_named_methods(args)
     out = Path(args.out)
-    rows = rank_cases([Path(p) for p in args.checkpoints], Path(args.input), out)
+    rows = rank_cases([Path(p) for p in args.checkpoints], Path(args.input), out, device=args.device)
     print(f"dust rank: {len(rows)} case(s), hardest first, in {out}")
     for i, row in enumerate(rows[: args.show], 1):
         print(f"  {i:>3}  {row['case']}  {row['uncertainty']:.4g}  (hardest slice {row['hardest_slice']})")
@@ -30,4 +30,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="ranking.csv", help="CSV to write (default: ranking.csv)")
     p.add_argument("--show", type=int, default=10, help="print this many of the hardest cases")
     add_method_option(p)
+    p.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_rank)

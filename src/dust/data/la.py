@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dust.data.nifti import to_stored
+from dust.data.nifti import LA_CASE_FILE, to_stored
 from dust.data.transforms import resampled_shape, resize_image, resize_label
 from dust.data.types import DataError, ItemSet, Volume, check_label_values, read_h5_arrays, read_list
 
-CASE_FILE = "mri_norm2.h5"
+CASE_FILE = LA_CASE_FILE
 
 
 def case_path(root: Path, case_id: str) -> Path:

@@ -31,6 +31,13 @@ log = logging.getLogger("dust")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 INTENSITY_NORMS = ("minmax", "zscore", "zscore_nonzero", "ct", "none")
 CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
+# UA-MT's left-atrium layout (dust.data.la): volumes/<id>/mri_norm2.h5, arrays in the file's voxel order (X, Y, Z)
+LA_CASE_FILE = "mri_norm2.h5"
+
+
+def h5_case_id(path: Path) -> str:
+    """A case's name from its h5 file: ``<id>`` for the LA layout's ``<id>/mri_norm2.h5``, else the file's stem."""
+    return path.parent.name if path.name == LA_CASE_FILE else path.stem
 
 
 def nifti_stem(path: Path) -> str | None:
@@ -287,7 +294,7 @@ def find_input_cases(path: Path) -> list[InputCase]:
     if skipped:  # said, so that a case saved under an unexpected ending is not silently left out
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log.warning("%s: skipped %d file(s) that are not .nii.gz, .nii or .h5: %s", path, len(skipped), shown)
-    cases = [InputCase(p.stem, [p], ".nii.gz") for p in h5s]
+    cases = [InputCase(h5_case_id(p), [p], ".nii.gz") for p in h5s]
     groups: dict[str, dict[int, Path]] = {}
     matches = [CHANNEL_FILE.match(stem) for _, stem in niftis]
     if path.is_dir() and niftis and all(matches):
@@ -313,6 +320,8 @@ def read_h5_case(path: Path) -> tuple[np.ndarray, Grid]:
         image = image[None]
     if image.ndim != 4:
         raise DataError(f"{path}: expected a volume (S, H, W) or (C, S, H, W), got shape {image.shape}")
+    if _is_la_layout(path, attrs):  # (C, X, Y, Z) as the file stores it -> dust's (C, S, H, W), as dust.data.la
+        image = to_stored(image, 2)
     try:
         affine = np.asarray(attrs.get("affine", np.eye(4)), dtype=np.float64)
     except (TypeError, ValueError):
@@ -332,6 +341,11 @@ def read_h5_case(path: Path) -> tuple[np.ndarray, Grid]:
         raise DataError(f"{path}: attributes 'crop_box' and 'full_shape' must come together, one per (S, H, W) axis")
     return image, Grid(int(slice_axis), affine, None, box=box, shape=full,
                        spacing=spacing if spacing is not None and len(spacing) == 3 else None)
+
+
+def _is_la_layout(path: Path, attrs: dict) -> bool:
+    """An LA-layout h5 holds its arrays in voxel order (X, Y, Z); dust's own and SSL4MIS's hold (S, H, W)."""
+    return path.name == LA_CASE_FILE and "slice_axis" not in attrs
 
 
 def write_stored(grid: Grid, stored: np.ndarray, dtype: type, path: Path) -> None:
@@ -355,9 +369,10 @@ def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float
     """An h5 case (dust's or SSL4MIS's layout) as NIfTI: ``out_dir/<case>.nii.gz`` (``<case>_000k.nii.gz`` per
     channel when there are several, the nnU-Net way) and, when it has one, ``out_dir/labels/<case>.nii.gz``.
 
-    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on (the arrays' axes reversed, so
-    ``(Z, Y, X)`` becomes ``(X, Y, Z)``); the affine is the one ``dust prepare`` stored, else a diagonal of
-    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS h5 files keep no geometry).
+    The voxel grid is the one ``dust predict`` writes an h5 case's prediction on: an SSL4MIS or dust h5's (S, H, W)
+    arrays with their axes reversed (``(Z, Y, X)`` becomes ``(X, Y, Z)``), an LA-layout h5 (``<id>/mri_norm2.h5``,
+    named ``<id>``) in its own (X, Y, Z) order; the affine is the one ``dust prepare`` stored, else a diagonal of
+    ``spacing`` (x, y, z in mm; 1 mm when neither is known: the SSL4MIS and LA h5 files keep no geometry).
     """
     image, grid = read_h5_case(path)
     _, label = read_h5_arrays(path, want_label=False, label_if_present=True)  # integer, finite, image-shaped
@@ -368,9 +383,11 @@ def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float
             raise DataError(f"{path}: label values {int(label.min())}..{int(label.max())} do not fit the 0..255 "
                             "of a label NIfTI (uint8)")
         label = label.astype(np.uint8)
+        if _is_la_layout(path, read_h5_attrs(path)):
+            label = to_stored(label, 2)
     if spacing is not None:
         grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
-    case = path.stem
+    case = h5_case_id(path)
     names = [f"{case}.nii.gz"] if len(image) == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(len(image))]
     written = [out_dir / name for name in names]
     for channel, target in zip(image, written, strict=True):

@@ -1,7 +1,7 @@
 """Data-parallel training over several processes, with ``torch.distributed`` and no change to methods.
 
 A job of N processes ("ranks") is started by ``torchrun --nproc_per_node=N -m dust train ...`` or by
-``dust train --nproc N ...`` (:func:`launch`, the same environment variables as torchrun). The Trainer then:
+``dust train --nproc N ...`` (:func:`launch`: torchrun's own launcher, ``torch.distributed.run``). The Trainer then:
 
 - joins the process group named by the torchrun variables (gloo on CPU, nccl on CUDA, one GPU per rank);
 - broadcasts every network's parameters and buffers from rank 0, so all ranks start from the same weights;
@@ -28,10 +28,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -223,39 +219,29 @@ def evaluate_volumes_sharded(
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m dust <argv>`` as ranks 0..nproc-1 of one job on this machine, as torchrun would.
+    """Run ``python -m dust <argv>`` as ranks 0..nproc-1 of one job on this machine through ``torch.distributed.run``
+    (torchrun's own launcher: ``torchrun --standalone --nproc-per-node N -m dust <argv>``).
 
-    Each rank gets ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` is set. If one rank fails, the others
-    are stopped; the exit status is the first failing rank's.
+    Each rank gets ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` is set. If one rank fails, torchrun stops
+    the others; the exit status is the first failing rank's. No restarts (``--max-restarts 0``): a rank fails on a
+    real error, and ``dust train --resume`` continues a job; for elastic restarts or several nodes, call torchrun
+    yourself (docs/distributed.md).
     """
-    env = {
-        **os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port())),
-        "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-    }
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dust", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-        for r in range(nproc)
-    ]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0", "--module", "dust"])
+    args.training_script_args = list(argv)  # set, not parsed: torchrun's parser would read dust's --nproc as its own
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = saved or str(max(1, (os.cpu_count() or 1) // nproc))  # the ranks inherit it
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                break
-            time.sleep(0.2)
+        run(args)
+    except ChildFailedError as err:
+        _, failure = err.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1  # a rank killed by a signal: a plain failure
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
-    return failed[0] if failed else 0
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+    return 0

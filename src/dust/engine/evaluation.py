@@ -59,14 +59,23 @@ def write_evaluation(out_dir: Path, tag: str, volumes: list[Volume], per_case: l
     (out_dir / f"metrics_{tag}.json").write_text(json.dumps(summary, indent=2))
 
 
+def evaluation_folder(checkpoint: Path) -> Path:
+    """Where ``dust evaluate --checkpoint`` writes by default: a run's ``checkpoints/X.pt`` into its run directory;
+    any other checkpoint (e.g. a shipped model under ``models/``, which must stay as checked out) into
+    ``runs/evaluate/<checkpoint name>/`` under the current folder."""
+    if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "config.yaml").is_file():
+        return checkpoint.parent.parent
+    return Path("runs") / "evaluate" / checkpoint.stem
+
+
 def evaluate_checkpoint(
     path: Path, split: str, data_dir: str | None, out_dir: Path | None, tag: str | None = None,
-    empty_mask_policy: str | None = None,
+    empty_mask_policy: str | None = None, device: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``<split>.list`` volumes; writes ``metrics_<split>_<tag>.{csv,json}`` (``tag``
-    defaults to the checkpoint's file name) into its run directory (or, outside a run, beside it).
+    defaults to the checkpoint's file name) into ``out_dir``, by default :func:`evaluation_folder`.
     ``empty_mask_policy`` overrides the run's."""
-    method, cfg = load_trained(path)
+    method, cfg = load_trained(path, device)  # device None: auto, whatever the run trained on
     if empty_mask_policy is not None:
         cfg = full_config({**cfg, "empty_mask_policy": empty_mask_policy})
     root = resolve_data_dir(data_dir or cfg["data_dir"])
@@ -74,7 +83,6 @@ def evaluate_checkpoint(
         write_phantom(cfg, root)  # makes sure the phantom exists
     volumes = load_split(cfg, root, split)
     per_case, summary = evaluate_volumes(method, volumes, cfg, pick_device(cfg["device"]))
-    if out_dir is None:  # a run's checkpoints/X.pt: its run directory; a checkpoint elsewhere: its own folder
-        out_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out_dir = out_dir or evaluation_folder(path)
     write_evaluation(out_dir, f"{split}_{tag or path.stem}", volumes, per_case, summary)
     return summary

@@ -45,12 +45,14 @@ from dust.uncertainty import sample_uncertainty
 log = logging.getLogger("dust")
 
 
-def load_for_inference(path: Path) -> tuple[Method, dict[str, Any]]:
+def load_for_inference(path: Path, device: str | torch.device | None = None) -> tuple[Method, dict[str, Any]]:
     """A method in eval mode from a dust checkpoint, or from a DUST pre-training snapshot
-    (``checkpoints/pretrain_kK.pt``: network weights only; the config is its run's ``config.yaml``)."""
+    (``checkpoints/pretrain_kK.pt``: network weights only; the config is its run's ``config.yaml``), on ``device``
+    (default auto: CUDA when available, else the CPU; the returned config's ``device`` names it)."""
     state = load_checkpoint(path)
+    device = device if isinstance(device, torch.device) else pick_device(device or "auto")
     if isinstance(state, dict) and state.get("format") == "dust-checkpoint":
-        method, cfg = load_trained(path)
+        method, cfg = load_trained(path, device)
     else:
         if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
             raise CheckpointError(f"{path}: neither a dust checkpoint nor a network's weights (it holds "
@@ -58,8 +60,8 @@ def load_for_inference(path: Path) -> tuple[Method, dict[str, Any]]:
         config = path.resolve().parent.parent / "config.yaml"
         if not config.is_file():
             raise CheckpointError(f"{path}: holds network weights only, and its run's config {config} is missing")
-        cfg = stored_config(load_config(config), config)  # someone else's run, perhaps: its method is not imported
-        method = build_method(cfg, pick_device(cfg["device"]))
+        cfg = stored_config({**load_config(config), "device": str(device)}, config)  # its method is not imported
+        method = build_method(cfg, device)
         try:
             method.networks["model"].load_state_dict(state)
         except (KeyError, RuntimeError, TypeError) as err:
@@ -88,13 +90,15 @@ def _read_case(case: InputCase, cfg: dict[str, Any]):
 
 
 def predict_cases(
-    checkpoint: Path, input_path: Path, out_dir: Path, uncertainty: bool = False, progress: bool = True
+    checkpoint: Path, input_path: Path, out_dir: Path, uncertainty: bool = False, progress: bool = True,
+    device: str | None = None,
 ) -> list[Path]:
-    """Label NIfTIs ``out_dir/<case>.nii.gz`` (and ``out_dir/uncertainty/<case>.nii.gz``) for every case."""
+    """Label NIfTIs ``out_dir/<case>.nii.gz`` (and ``out_dir/uncertainty/<case>.nii.gz``) for every case, on
+    ``device`` (default auto)."""
     folder = input_path if input_path.is_dir() else input_path.parent
     if out_dir.resolve() == folder.resolve():
         raise ValueError(f"{out_dir}: the output folder is the input folder; predictions would overwrite images")
-    method, cfg = load_for_inference(checkpoint)
+    method, cfg = load_for_inference(checkpoint, device)
     predictor = Predictor.from_config(cfg, pick_device(cfg["device"]))
     cases = find_input_cases(input_path)
     # only files this model's earlier predict wrote may be replaced: checked for every case before the first
@@ -127,7 +131,8 @@ SETTINGS_OF_THE_MACHINE = {"threads", "device", "progress", "tensorboard", "log_
                            "data_dir", "generate_phantom", "inference_windows_per_batch", "channels_last"}
 
 
-def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, progress: bool = True) -> list[dict]:
+def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, progress: bool = True,
+               device: str | None = None) -> list[dict]:
     """DUST's sample-level uncertainty (Eq. 1) of every case, written as a CSV sorted hardest first.
 
     ``checkpoints`` in training order (e.g. DUST's ``pretrain_k1.pt .. pretrain_kK.pt``); the last one is the
@@ -137,7 +142,7 @@ def rank_cases(checkpoints: Sequence[Path], input_path: Path, out_csv: Path, pro
     """
     if len(checkpoints) < 2:
         raise ValueError("dust rank needs at least two checkpoints (Eq. 1 compares earlier ones with the last)")
-    models = [load_for_inference(Path(p)) for p in checkpoints]
+    models = [load_for_inference(Path(p), device) for p in checkpoints]
     cfg = models[-1][1]
     for (_, other), path in zip(models, checkpoints, strict=True):
         # one run: the same config, but for settings that change no weight (a resume may change those); run_dir,

@@ -91,6 +91,7 @@ def setup_logging(run_dir: Path | None) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = _TqdmLogHandler()
     console.setFormatter(fmt)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))  # loss lines: the bar shows them
     log.addHandler(console)
     if run_dir is not None:
         fh = logging.FileHandler(run_dir / "train.log")
@@ -122,6 +123,27 @@ class Trainer:
         self.run_dir = format_run_dir(cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.run_lock = None
+        # what this start creates (folders, log, lock, config) is removed again if the start fails
+        made = [p for p in (*(self.run_dir / n for n in ("train.log", "run.lock", "config.yaml")), self.run_dir,
+                            *self.run_dir.parents) if not p.exists()] if self.is_main else []
+        try:
+            self._start(cfg, data)
+        except BaseException:
+            self._undo_failed_start(made)
+            raise
+
+    def _undo_failed_start(self, made: list[Path]) -> None:
+        """After a start that failed before training: no empty run folder is left behind, and a folder that was
+        there before (e.g. a run being resumed) has what it had."""
+        close_run_log()
+        self.release_run_directory()
+        for path in made:  # files first, then folders deepest first; a folder something else wrote into stays
+            try:
+                path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+            except OSError:
+                break
+
+    def _start(self, cfg: dict[str, Any], data: TrainingData | None) -> None:
         if self.is_main:
             check_writable_folder(self.run_dir)
             self.run_lock = lock_run_directory(self.run_dir)  # before anything is written: one process per run
@@ -339,6 +361,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}", refresh=interactive)
                 self.scalars({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr})
                 self.train_log.append({"iteration": self.iteration, **means})
+                terms = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+                log.info("iteration %d: loss %.4f (%s) lr %.5f", self.iteration, means["loss"], terms, lr,
+                         extra={"file_only": True})  # every log_every iterations, into train.log
                 window = {}
             if self.iteration % cfg["val_every"] == 0 or self.iteration == self.total_iterations:
                 self.train_seconds += time.perf_counter() - tic

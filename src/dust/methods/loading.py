@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dust.config import ConfigError, resolve_config
+from dust.config import ConfigError, check_device_name, resolve_config
 from dust.methods import Method, get_method, name_user_method, refuse_unnamed_method
 from dust.models.layers import memory_format
 from dust.storage import (
@@ -63,14 +63,20 @@ def _device_available(name: str) -> bool:
 
 
 def pick_device(name: str) -> torch.device:
-    """The configured device (``auto``: CUDA where there is one, else the CPU); one asked for but absent here is a
-    ``ConfigError`` naming it, not PyTorch's message at the first tensor moved there."""
+    """``auto`` -> CUDA when this PyTorch sees a GPU, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as asked, or a
+    ``ConfigError`` (one line) when the asked device is not here."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not _device_available(name):
-        raise ConfigError(f"device: {name!r} is not available on this machine (PyTorch sees "
-                          f"{torch.cuda.device_count()} CUDA device(s)); use device=cpu or device=auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this PyTorch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ConfigError(f"device {name!r}: {why}; use --device cpu (or auto: CUDA when available, else CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
@@ -87,15 +93,20 @@ def build_method(cfg: dict[str, Any], device: torch.device) -> Method:
     return method
 
 
-def load_trained(path: Path, device: torch.device | None = None) -> tuple[Method, dict[str, Any]]:
+def load_trained(path: Path, device: torch.device | str | None = None) -> tuple[Method, dict[str, Any]]:
     """A method with its weights from a checkpoint, and the checkpoint's config. Loading runs no code of the
-    checkpoint's: weights only, and its method must be built in or named by the user (:func:`stored_config`)."""
-    state = load_checkpoint(path)
+    checkpoint's: weights only, and its method must be built in or named by the user (:func:`stored_config`).
+
+    The weights go to ``device`` (default ``auto``: CUDA when available, else the CPU), whatever device the run
+    trained on; the returned config's ``device`` says where they are (a run's ``device: cuda`` predicts on a CPU).
+    """
+    state = load_checkpoint(path)  # tensors mapped to the CPU first
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"{path}: not a dust checkpoint: it holds {describe_content(state)}, no config")
-    cfg = stored_config(state["config"], path)
+    device = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    stored = state["config"]
+    cfg = stored_config({**stored, "device": str(device)} if isinstance(stored, dict) else stored, path)
     check_compatible(state, path, cfg["method"], cfg["num_classes"])
-    device = device or pick_device(cfg["device"])
     method = build_method(cfg, device)
     load_network_weights(method.networks, state, path)
     return method, cfg
