@@ -377,14 +377,14 @@ def export_h5_case(path: Path, out_dir: Path, spacing: tuple[float, float, float
     image, grid = read_h5_case(path)
     _, label = read_h5_arrays(path, want_label=False, label_if_present=True)  # integer, finite, image-shaped
     if label is not None:
+        if _is_la_layout(path, read_h5_attrs(path)):  # (X, Y, Z) as the image was before read_h5_case
+            label = to_stored(label, 2)
         if label.shape != image.shape[1:]:
             raise DataError(f"{path}: label shape {label.shape} does not match the image's {image.shape[1:]}")
         if label.size and (label.min() < 0 or label.max() > 255):
             raise DataError(f"{path}: label values {int(label.min())}..{int(label.max())} do not fit the 0..255 "
                             "of a label NIfTI (uint8)")
         label = label.astype(np.uint8)
-        if _is_la_layout(path, read_h5_attrs(path)):
-            label = to_stored(label, 2)
     if spacing is not None:
         grid = Grid(grid.slice_axis, np.diag([*map(float, spacing), 1.0]), None)
     case = h5_case_id(path)

@@ -124,8 +124,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.run_lock = None
         # what this start creates (folders, log, lock, config) is removed again if the start fails
-        made = [p for p in (*(self.run_dir / n for n in ("train.log", "run.lock", "config.yaml")), self.run_dir,
-                            *self.run_dir.parents) if not p.exists()] if self.is_main else []
+        made = [p for p in (*(self.run_dir / n for n in ("train.log", "run.lock", "config.yaml")), self.ckpt_dir,
+                            self.run_dir, *self.run_dir.parents) if not p.exists()] if self.is_main else []
         try:
             self._start(cfg, data)
         except BaseException:
