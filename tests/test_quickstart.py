@@ -86,13 +86,14 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path, monkeypatch, 
         code = main(argv[1:])
         assert code == 0, f"{line}\n{capsys.readouterr().err}"
         ran.append(argv[1])
-    assert ran.count("train") == 3 and {"evaluate", "export", "predict", "prepare", "rank"} <= set(ran), ran
+    assert ran.count("train") == 4 and {"evaluate", "export", "predict", "prepare", "rank"} <= set(ran), ran
     assert sorted(p.name for p in (REPO / "models").iterdir()) == shipped  # evaluating a shipped model wrote nothing
     assert (work / "runs" / "evaluate" / "acdc_dust_7p" / "metrics_val_acdc_dust_7p.json").is_file()
     assert (work / "runs" / "acdc" / "dust_7p_seed1337" / "metrics_val_best.json").is_file()
     assert (work / "out" / "patient028_frame01.nii.gz").is_file()
     assert (work / "predictions" / "uncertainty" / "prostate_07.nii.gz").is_file()
     assert len((work / "next_to_annotate.csv").read_text().splitlines()) == 1 + 2
+    assert (work / "runs" / "prostate3d" / "mcf_4p_seed1337" / "metrics_val_last.json").is_file()
 
 
 def test_the_quick_start_block_is_found_and_names_existing_configs_and_models():
