@@ -324,3 +324,25 @@ def test_a_new_scan_at_another_spacing_is_resampled_to_the_model_and_back(la_pha
 
 def test_dust_data_points_at_the_samples():
     assert os.environ.get("DUST_DATA") is None or SAMPLES.parent == Path(os.environ["DUST_DATA"])
+
+
+def test_thick_slices_come_back_to_their_own_slice_after_a_round_trip():
+    """A case at 3.6 mm resampled to a 3 mm model and its probabilities back: every slice returns to itself."""
+    for slices, model_slices in ((20, 24), (10, 25), (10, 13)):
+        x = torch.arange(float(slices)).view(1, 1, slices, 1, 1).expand(1, 1, slices, 6, 6).contiguous()
+        there = resample_to(x, (model_slices, 12, 12), separate=0)
+        assert torch.equal(resample_to(there, (slices, 6, 6), separate=0), x), (slices, model_slices)
+
+
+@needs_samples
+def test_a_reversed_window_and_broken_ct_statistics_are_refused(tmp_path: Path, capsys):
+    source = _nnunet_ct(tmp_path / "ct")
+    assert main(["prepare", "--source", str(source), "--out", str(tmp_path / "out"), "--dims", "3", "--norm", "ct",
+                 "--window", "275", "-125", "--label-map", f"{PANCREAS}=1", "--val", "1"]) == 2
+    assert "--window [275.0, -125.0]" in capsys.readouterr().err
+    cfg = _prepare(source, tmp_path / "out", "--norm", "ct", "--label-map", f"{PANCREAS}=1", "--val", "1")
+    stats = cfg["intensity_stats"][0]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump({**cfg, "intensity_stats": [{"low": stats["low"], "high": stats["high"]}]}))
+    assert main(["check-data", "--config", str(broken)]) == 2
+    assert "intensity_stats entry" in capsys.readouterr().err

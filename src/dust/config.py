@@ -291,13 +291,25 @@ def _check_choices(cfg: dict[str, Any]) -> None:
             isinstance(t, int | float) and not isinstance(t, bool) and t > 0 for t in target)):
         raise ConfigError(f"target_spacing {target!r}: three positive numbers (mm per S, H, W axis), for a 3D "
                           "patch_size")
-    if cfg["intensity_norm"] == "ct" and not cfg["intensity_stats"]:
-        raise ConfigError("intensity_norm: ct needs intensity_stats (per channel low, high, mean, std), which "
-                          "dust prepare --norm ct writes into the dataset's dust.yaml")
+    if cfg["intensity_norm"] == "ct":
+        _check_intensity_stats(cfg["intensity_stats"], int(cfg["in_channels"]))
     factor = cfg["resample_factor"]
     if not (isinstance(factor, int | float) and 0 < factor <= 4):
         raise ConfigError(f"resample_factor {factor!r}: expected a number in (0, 4]")
     format_run_dir(cfg)  # its placeholders are checked here, before anything is read or written
+
+
+def _check_intensity_stats(stats: Any, channels: int) -> None:
+    """``intensity_stats`` for ``ct``: one {low, high, mean, std} per channel, finite, low < high, std > 0."""
+    how = ("intensity_norm: ct needs intensity_stats, one {low, high, mean, std} per input channel, as dust "
+           "prepare --norm ct writes them into the dataset's dust.yaml")
+    if not isinstance(stats, list) or len(stats) != channels:
+        raise ConfigError(f"intensity_stats {stats!r}: {how}")
+    for st in stats:
+        values = [st.get(k) for k in ("low", "high", "mean", "std")] if isinstance(st, dict) else []
+        if len(values) != 4 or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                                       for v in values) or not values[0] < values[1] or not values[3] > 0:
+            raise ConfigError(f"intensity_stats entry {st!r}: {how} (finite numbers, low < high, std > 0)")
 
 
 def _check_patch_divisible(cfg: dict[str, Any]) -> None:

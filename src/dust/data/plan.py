@@ -6,7 +6,7 @@ CT intensity statistics, and a patch that fits a budget and the network's downsa
   of the cases' spacing along it instead, so that thick-slice cases are not made coarser still (nnU-Net's rule).
 - **CT statistics** (``--norm ct``): the foreground voxels (label > 0) of the labelled training cases, sampled
   (10,000 per case, seeded); clip to their 0.5 / 99.5 percentiles (or a fixed ``--window``), then z-score with
-  the mean / std of the clipped samples. One Hounsfield value then maps to one input value in every scan.
+  their mean / std (nnU-Net's CTNormalization). One Hounsfield value then maps to one input value in every scan.
 - **Patch**: from the median shape at the target spacing, rounded up to the network's step (2**levels-1), then
   the axis that is largest relative to the median shape is shrunk by one step until the patch holds at most
   ``patch_voxels`` voxels (the memory budget; 32 x 64 x 64 = 131,072 by default, the LA CPU protocol's patch).
@@ -38,7 +38,8 @@ def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequenc
     anisotropic = target[coarse] > ANISOTROPY_RATIO * min(target[others])
     few_slices = median_shape[coarse] * ANISOTROPY_RATIO < min(median_shape[others])
     if anisotropic and few_slices:
-        target[coarse] = max(float(np.percentile(spacing[:, coarse], 10)), float(min(target[others])) * 1.0001)
+        # never finer than the coarsest other axis (nnU-Net's rule, its + 1e-5 included)
+        target[coarse] = max(float(np.percentile(spacing[:, coarse], 10)), float(max(target[others])) + 1e-5)
     return [round(float(t), 6) for t in target]
 
 
@@ -72,9 +73,8 @@ def ct_statistics(samples: Sequence[np.ndarray], window: Sequence[float] | None)
     for channel in values:
         low, high = (float(window[0]), float(window[1])) if window else (
             float(np.percentile(channel, 0.5)), float(np.percentile(channel, 99.5)))
-        clipped = np.clip(channel, low, high)
-        std = float(clipped.std())
-        stats.append({"low": low, "high": high, "mean": float(clipped.mean()), "std": std if std > 0 else 1.0})
+        std = float(channel.std())  # of the foreground as it is (nnU-Net's), the clip comes on top
+        stats.append({"low": low, "high": high, "mean": float(channel.mean()), "std": std if std > 0 else 1.0})
     return stats
 
 

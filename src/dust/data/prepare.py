@@ -69,7 +69,7 @@ from dust.data.plan import (
     target_spacing,
 )
 from dust.data.preprocess import Preprocessing, nonzero_box
-from dust.data.transforms import resample_label_to, resample_to, separate_axis, spacing_grid
+from dust.data.transforms import ANISOTROPY_RATIO, resample_label_to, resample_to, separate_axis, spacing_grid
 from dust.data.types import DataError, patient_of, write_h5
 from dust.data.volumes import CASES
 
@@ -644,11 +644,17 @@ def _write_dataset_3d(
     else:
         target = target_spacing([facts["spacing"][c] for c in training], [facts["shape"][c] for c in training])
     stats = None
+    if opts.window is not None and not float(opts.window[0]) < float(opts.window[1]):
+        raise ValueError(f"--window {list(opts.window)}: give LOW HIGH with LOW below HIGH, e.g. -125 275")
     if intensity_norm == "ct":
         stats = ct_statistics(facts["samples"], opts.window)
     elif opts.window is not None:
         raise ValueError("--window is the clip window of --norm ct; give --norm ct with it")
     prep = Preprocessing(intensity_norm, stats, slice_axis, modalities, opts.crop_nonzero)
+    if int(np.argmax(target)) != 0 and max(target) > ANISOTROPY_RATIO * min(target):
+        log.warning("the coarsest axis of the target spacing %s mm (S, H, W) is not S: training rotates crops in "
+                    "the (H, W) plane and would swap it with a fine axis; choose --slice-axis %d", target,
+                    axes[int(np.argmax(target))])
     grids = {c: spacing_grid(facts["shape"][c], facts["spacing"][c], target) for c in training}
     median_shape = np.median(np.asarray(list(grids.values()), dtype=np.float64), axis=0)
     patch = list(opts.patch_size) if opts.patch_size else plan_patch(median_shape, opts.network_step,
@@ -739,6 +745,11 @@ def check_prepared(cfg: dict[str, Any], root: Path) -> None:
     if wrong:
         raise DataError(f"{path}: the config does not match how this dataset was prepared: {', '.join(wrong)}; "
                         f"use the data keys of {root / CONFIG_FILE}")
+    measured_on = meta.get("labeled_patients")
+    if cfg["intensity_norm"] == "ct" and isinstance(measured_on, int) and cfg["labeled_patients"] < measured_on:
+        log.warning("%s: the ct intensity statistics were measured on the labels of %d patients, more than the %d "
+                    "this run treats as labelled; for a strict protocol prepare with --labeled %d", path,
+                    measured_on, cfg["labeled_patients"], cfg["labeled_patients"])
 
 
 # ---------------------------------------------------------------------------------------------- replacing

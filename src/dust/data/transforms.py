@@ -338,7 +338,8 @@ def resample_to(x: torch.Tensor, size: Sequence[int], separate: int | None = Non
     b, c, d = moved.shape[:3]
     flat = F.interpolate(moved.reshape(b, c * d, *moved.shape[3:]), size=tuple(plane), mode="bilinear",
                          align_corners=False).reshape(b, c, d, *plane)
-    flat = F.interpolate(flat, size=(size[separate], *plane), mode="nearest")
+    # nearest-exact: centre-aligned as the linear resampling is ("nearest" would shift a round trip by a slice)
+    flat = F.interpolate(flat, size=(size[separate], *plane), mode="nearest-exact")
     return flat.movedim(2, axis).contiguous()
 
 

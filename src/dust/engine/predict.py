@@ -80,6 +80,9 @@ def _read_case(case: InputCase, cfg: dict[str, Any]):
     if image.shape[0] != cfg["in_channels"]:
         raise DataError(f"{case.paths[0]}: {image.shape[0]} input channel(s) (modalities {cfg['modalities']}), but "
                         f"the model takes in_channels={cfg['in_channels']}")
+    if cfg["target_spacing"] is not None and grid.spacing is None:
+        raise DataError(f"{case.paths[0]}: its voxel size is unknown (an h5 without a 'spacing' attribute), and this "
+                        f"model resamples every case to {cfg['target_spacing']} mm; give it as NIfTI")
     trained = cfg["target_spacing"] or cfg["spacing"]
     if trained is not None and grid.spacing is not None and cfg["target_spacing"] is None and not np.allclose(
             grid.spacing, trained, rtol=0.25):
