@@ -68,7 +68,7 @@ from dust.data.plan import (
     sample_foreground,
     target_spacing,
 )
-from dust.data.preprocess import Preprocessing, nonzero_box
+from dust.data.preprocess import Preprocessing
 from dust.data.transforms import ANISOTROPY_RATIO, resample_label_to, resample_to, separate_axis, spacing_grid
 from dust.data.types import DataError, patient_of, write_h5
 from dust.data.volumes import CASES
@@ -598,11 +598,11 @@ def _read_case_3d(case: SourceCase, source: Source, modalities: list[int] | None
                   prep: Preprocessing) -> tuple[np.ndarray, np.ndarray | None, Any, tuple[tuple[int, int], ...]]:
     """(image (C, S, H, W) cropped, unnormalised; label (S, H, W) or None; the reference image; the crop box)."""
     channels, reference = _case_channels(case, source, modalities)
-    stored = to_stored(channels.astype(np.float32), prep.slice_axis)
-    box = nonzero_box(stored, str(case.images[0])) if prep.crop_nonzero else tuple((0, n) for n in stored.shape[1:])
+    image, box = prep.crop(channels.astype(np.float32), str(case.images[0]))  # the crop dust predict makes
+    box = box or tuple((0, n) for n in image.shape[1:])
     window = tuple(slice(a, b) for a, b in box)
     label = None if case.label is None else to_stored(_case_label(case, source, reference), prep.slice_axis)[window]
-    return stored[(slice(None), *window)], label, reference, box
+    return image, label, reference, box
 
 
 def _fingerprint(chosen: list[SourceCase], split_of: dict[str, str], source: Source, modalities: list[int] | None,
@@ -664,7 +664,7 @@ def _write_dataset_3d(
     for case in tqdm(chosen, desc="prepare", unit="case", disable=None if progress else True):
         split = split_of[case.case_id]
         image, label, reference, box = _read_case_3d(case, source, modalities, prep)
-        image, norm_stats = normalize(image, intensity_norm, case.images[0], stats)
+        image, norm_stats = prep.normalize(image, str(case.images[0]))
         spacing = facts["spacing"][case.case_id]
         full_shape = [int(reference.shape[a]) for a in axes]
         attrs: dict[str, Any] = {"case_id": case.case_id, "slice_axis": slice_axis}

@@ -39,15 +39,24 @@ class Preprocessing:
         norm = "none" if cfg["dataset"] == "la_h5" else cfg["intensity_norm"]
         return cls(norm, cfg["intensity_stats"], int(cfg["slice_axis"]), cfg["modalities"], bool(cfg["crop_nonzero"]))
 
-    def apply(self, channels: np.ndarray, source: str) -> tuple[np.ndarray, tuple[tuple[int, int], ...] | None]:
-        """(C, X, Y, Z) in the file's voxel order -> model input (C, S, H, W) float32, and the crop box in the
-        stored (S, H, W) grid (None: not cropped)."""
+    def crop(self, channels: np.ndarray, source: str) -> tuple[np.ndarray, tuple[tuple[int, int], ...] | None]:
+        """(C, X, Y, Z) in the file's voxel order -> (C, S, H, W) cropped to the nonzero box (when
+        ``crop_nonzero``), and that box in the stored grid (None: not cropped)."""
         stored = to_stored(channels, self.slice_axis)
         box = nonzero_box(stored, source) if self.crop_nonzero else None
         if box is not None:
             stored = stored[(slice(None), *(slice(a, b) for a, b in box))]
-        image, _ = normalize(stored, self.intensity_norm, source, self.intensity_stats)
-        return image, box
+        return stored, box
+
+    def normalize(self, stored: np.ndarray, source: str) -> tuple[np.ndarray, dict[str, list[float]]]:
+        """``intensity_norm`` with the recorded ``intensity_stats``: float32, and the statistics used."""
+        return normalize(stored, self.intensity_norm, source, self.intensity_stats)
+
+    def apply(self, channels: np.ndarray, source: str) -> tuple[np.ndarray, tuple[tuple[int, int], ...] | None]:
+        """(C, X, Y, Z) in the file's voxel order -> model input (C, S, H, W) float32, and the crop box in the
+        stored (S, H, W) grid (None: not cropped)."""
+        stored, box = self.crop(channels, source)
+        return self.normalize(stored, source)[0], box
 
 
 def nonzero_box(stored: np.ndarray, source: str) -> tuple[tuple[int, int], ...]:

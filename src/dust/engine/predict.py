@@ -83,8 +83,8 @@ def _read_case(case: InputCase, cfg: dict[str, Any]):
     if cfg["target_spacing"] is not None and grid.spacing is None:
         raise DataError(f"{case.paths[0]}: its voxel size is unknown (an h5 without a 'spacing' attribute), and this "
                         f"model resamples every case to {cfg['target_spacing']} mm; give it as NIfTI")
-    trained = cfg["target_spacing"] or cfg["spacing"]
-    if trained is not None and grid.spacing is not None and cfg["target_spacing"] is None and not np.allclose(
+    trained = cfg["spacing"]  # a model without target_spacing sees every scan as it comes
+    if cfg["target_spacing"] is None and trained is not None and grid.spacing is not None and not np.allclose(
             grid.spacing, trained, rtol=0.25):
         log.warning("%s: voxel size %s mm (S, H, W) differs from the %s mm this model was trained at, and the model "
                     "does not resample (no target_spacing): expect a worse segmentation", case.paths[0],
