@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from dust.engine.trainer import Trainer
-from dust.losses import level_set_to_probability, signed_distance_map
-from dust.methods.consistency import sharpen
-from dust.methods.mcf import difference_review, weaker_subnet
+from dust.losses import difference_review, level_set_to_probability, signed_distance_map
+from dust.methods.consistency import sharpen, weaker_subnet
 from dust.models import make_model
 
 

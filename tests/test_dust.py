@@ -142,7 +142,7 @@ def _spy_stage_starts(trainer: Trainer, monkeypatch) -> dict[str, dict]:
         seen[stage.name] = {
             "drawn": sorted(trainer.sampler.unlabeled_stream.indices.tolist()),
             "labelled": None if labels is None else [i for i, y in enumerate(labels) if y.numel()],
-            "uses_unlabeled": trainer.method.uses_unlabeled,
+            "uses_unlabeled": stage.uses_unlabeled,
         }
 
     monkeypatch.setattr(trainer.method, "on_stage_start", spy)
@@ -228,9 +228,9 @@ def test_snapshot_batchnorm_recalibration_ranks_the_pool_with_test_time_statisti
         assert all(torch.equal(saved[0][n], saved[1][n]) for n in saved[0])
     assert not torch.equal(plain.method.uncertainty, recal.method.uncertainty)
     # Eq. 1 by hand from the snapshots, each recalibrated over labelled batches as at the start of stage 1
-    recal.iteration, recal.method.uses_unlabeled = recal.method.stages()[0].iterations, False
+    recal.iteration, recal.started_stage = recal.method.stages()[0].iterations, 0  # stage 1 about to start
     batches = recal.recalibration_batches()
-    assert len(batches) == 3 and all(len(b) == 4 for b in batches)  # labelled only: what pre-training draws
+    assert len(batches) == 3 and all(len(b) == 8 for b in batches)  # labelled only, as pre-training draws them
     probs = []
     for k in (1, 2, 3):
         net = copy.deepcopy(recal.method.networks["model"])
@@ -265,7 +265,7 @@ def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: 
     newest.unlink()  # as if killed after iteration 16
     resumed = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))
     assert resumed.resume() and resumed.iteration == 16 and resumed.current_span().stage.name == "stage2"
-    assert resumed.method.uses_unlabeled and torch.equal(resumed.method.order, full.method.order)
+    assert resumed.current_span().stage.uses_unlabeled and torch.equal(resumed.method.order, full.method.order)
     resumed.fit()
     assert resumed.iteration == 20 and resumed.history == full.history
     wf, wr = _weights(full), _weights(resumed)
@@ -305,7 +305,6 @@ def test_pseudo_label_dice_adds_a_dice_term_to_the_unlabelled_loss(tiny_cfg, met
         m = get_method(method)(tiny_cfg(method=method, pseudo_label_dice=dice))
         torch.manual_seed(1)  # the same initial weights for both
         m.build()
-        m.uses_unlabeled = True
         m.networks["model"].eval()  # no dropout: the two forwards see the same network function
         losses[dice] = m.train_step(batch, 0)["unsup"]
         main_u = m.networks["model"](torch.cat([x_l, x_u]))[0][2:]

@@ -103,8 +103,8 @@ def test_the_contrastive_weight_as_printed_decreases_and_the_option_ramps_up():
         contrastive_weight("cosine", 0, 100)
 
 
-def test_the_unlabelled_and_contrastive_terms_send_gradients_into_both_networks(tiny_cfg_3d):
-    trainer = Trainer(tiny_cfg_3d(method="multicure", confidence_threshold=0.9))
+def test_the_unlabelled_and_contrastive_terms_as_printed_send_gradients_into_both_networks(tiny_cfg_3d):
+    trainer = Trainer(tiny_cfg_3d(method="multicure", confidence_threshold=0.9, framework="as_printed"))
     method = trainer.method
     batch = trainer.sampler.next(True)
     losses = method.train_step(batch, iteration=0)
@@ -123,7 +123,7 @@ def test_the_unlabelled_and_contrastive_terms_send_gradients_into_both_networks(
 
 
 @pytest.mark.parametrize("switches", [{}, {"multicure_module": False}, {"contrastive": False},
-                                      {"contrastive_schedule": "rampup"}])
+                                      {"framework": "as_printed", "contrastive_schedule": "paper"}])
 def test_multicure_and_its_ablations_lower_the_loss_on_the_3d_phantom(tiny_cfg_3d, switches):
     torch.manual_seed(0)
     trainer = Trainer(tiny_cfg_3d(method="multicure", iterations=30, val_every=30, lr=0.05, augment_rot_flip=False,

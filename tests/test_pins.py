@@ -24,6 +24,10 @@ METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus
            "dust"]
 # Methods written after the pins (nothing to compare with); tests/test_3d_baselines.py tests what they compute.
 ADDED_AFTER_THE_PINS = ["dtc", "mc_net", "mcf", "fixdyn", "multicure"]
+# Defaults changed since the pins so that baselines train as their references do (tests/test_reference_training.py
+# tests the new defaults); these options keep what the pins measured reachable, and this test checks they do.
+BEFORE_2026_12 = {"supervised_batch": "labeled"}
+METHOD_OPTIONS_BEFORE_2026_12 = {"cps": {"init": "kaiming_xavier", "cross_labeled": True}}
 
 
 def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
@@ -33,6 +37,7 @@ def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
         "channels": [4, 8, 16, 32, 64], "batch_size": 4, "unlabeled_batch_size": 4, "iterations": 10,
         "val_every": 5, "log_every": 1, "threads": 1, "bf16": False, "tensorboard": False, "progress": False,
         "run_dir": str(run_dir), "batchnorm_recalibration_batches": 2,
+        **BEFORE_2026_12, **METHOD_OPTIONS_BEFORE_2026_12.get(method, {}),
     })
     trainer = Trainer(cfg)
     trainer.fit()

@@ -262,7 +262,7 @@ def test_dust_resumed_before_its_stage_boundaries_matches_the_uninterrupted_run(
     for name in ("iter_0000006.pt", "pretrain_k1.pt", "pretrain_k2.pt"):
         shutil.copy(full.ckpt_dir / name, cut / name)
     state = load_checkpoint(cut / "iter_0000006.pt")
-    assert state["started_stage"] == 0 and state["method_state"]["uses_unlabeled"] is False
+    assert state["started_stage"] == 0 and state["method_state"]["pseudo_labels"] is None
 
     resumed = Trainer(tiny_cfg(run_dir=str(tmp_path / "cut"), **kw))
     assert resumed.resume() and resumed.iteration == 6 and resumed.current_span().stage.name == "pretrain"

@@ -79,6 +79,12 @@ BASE_DEFAULTS: dict[str, Any] = {
     "iterations": 4000,
     "batch_size": 8,
     "unlabeled_batch_size": 8,
+    # How many labelled items a step without unlabelled data draws (method supervised, the labelled-only
+    # pre-training of DUST / ST++): "ssl" batch_size + unlabeled_batch_size, as many as a semi-supervised step puts
+    # through the network, as SSL4MIS's fully supervised scripts and UA-MT's supervised LA script train their
+    # baseline (BatchNorm normalises over the same number of crops); "labeled" batch_size only (dust before
+    # 2026-12; records made so name it in their options).
+    "supervised_batch": "ssl",
     "lr": 0.01,
     "momentum": 0.9,
     "weight_decay": 1e-4,
@@ -232,7 +238,7 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
 
 
 CHOICES = {"spatial_policy": ("resize", "crop"), "empty_mask_policy": ("dust", "nnunet", "exclude"),
-           "inference_blend": ("gaussian", "constant"),
+           "inference_blend": ("gaussian", "constant"), "supervised_batch": ("ssl", "labeled"),
            "dataset": ("ssl4mis_h5", "la_h5", "prepared_3d"),
            "intensity_norm": ("minmax", "zscore", "zscore_nonzero", "ct", "none")}
 

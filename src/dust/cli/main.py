@@ -46,7 +46,7 @@ def add_device_argument(p: argparse.ArgumentParser, what: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dust.engine import distributed
-    from dust.methods.loading import full_config, pick_device
+    from dust.methods.loading import full_config, pick_device, with_keys_of_older_runs
     from dust.results import update_results
     from dust.workflows import train
 
@@ -64,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         name_user_method(load_config(None, args.set).get("method", ""))
         refuse_unnamed_method(str(cfg.get("method", "supervised")), stored,
                               f"--set method={cfg.get('method', 'supervised')}")
+        cfg = with_keys_of_older_runs(cfg)  # a run begun before a default changed continues as it began
     else:
         if not args.config:
             raise ConfigError("dust train needs --config FILE (or --resume RUN_DIR)")

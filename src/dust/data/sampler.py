@@ -116,8 +116,11 @@ class TwoStreamSampler:
             ys.append(y)
         return torch.stack(xs), (torch.stack(ys) if labels is not None else None)
 
-    def next(self, with_unlabeled: bool) -> dict[str, torch.Tensor]:
-        idx_l = self.labeled_stream.draw(self.batch_size, self.generator)
+    def next(self, with_unlabeled: bool, labeled_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """One step's batch: ``labeled_batch_size`` (default ``batch_size``) labelled items, and
+        ``unlabeled_batch_size`` unlabelled ones when ``with_unlabeled``."""
+        count = self.batch_size if labeled_batch_size is None else labeled_batch_size
+        idx_l = self.labeled_stream.draw(count, self.generator)
         x_l, y_l = self._batch(self.labeled, idx_l, self.labeled.labels, self.foreground_oversample)
         batch = {"x_l": x_l, "y_l": y_l, "idx_l": idx_l}
         if with_unlabeled:

@@ -195,6 +195,13 @@ class Trainer:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["bf16"]))
 
+    def labeled_batch_size(self, stage: Stage) -> int:
+        """Labelled items per step: ``batch_size``, or in a stage without unlabelled data (``supervised_batch:
+        ssl``) as many items as a semi-supervised step has, ``batch_size + unlabeled_batch_size``."""
+        if stage.uses_unlabeled or self.cfg["supervised_batch"] == "labeled":
+            return int(self.cfg["batch_size"])
+        return int(self.cfg["batch_size"]) + int(self.cfg["unlabeled_batch_size"])
+
     def current_span(self) -> StageSpan:
         for span in self.spans:
             if span.begin <= self.iteration < span.end:
@@ -330,7 +337,8 @@ class Trainer:
                 group["lr"] = lr
             for net in method.networks.values():
                 net.train()
-            batch = {k: self.to_device(v) for k, v in self.sampler.next(method.uses_unlabeled).items()}
+            drawn = self.sampler.next(span.stage.uses_unlabeled, self.labeled_batch_size(span.stage))
+            batch = {k: self.to_device(v) for k, v in drawn.items()}
             with self.autocast():
                 losses = method.train_step(batch, self.iteration)
             loss = sum(losses.values())
@@ -387,12 +395,14 @@ class Trainer:
         of their own, seeded by the iteration, so training draws and resumes exactly as without them."""
         source = TwoStreamSampler.from_config(self.data.labeled, self.data.unlabeled, self.cfg,
                                               int(self.cfg["seed"]) * 1_000_003 + self.iteration + self.ranks.rank)
-        with_unlabeled = self.method.uses_unlabeled and self.data.unlabeled is not None
+        # the stage trained last (at a stage start: the one before it)
+        stage = self.spans[max(self.started_stage, 0)].stage
+        with_unlabeled = stage.uses_unlabeled and self.data.unlabeled is not None
         if with_unlabeled:  # the part of the pool in use now (e.g. DUST's reliable half: the rest has no labels yet)
             source.set_unlabeled_indices(self.sampler.unlabeled_indices)
         batches = []
         for _ in range(int(self.cfg["batchnorm_recalibration_batches"])):
-            drawn = source.next(with_unlabeled)
+            drawn = source.next(with_unlabeled, self.labeled_batch_size(stage))
             x = torch.cat([drawn["x_l"], drawn["x_u"]]) if with_unlabeled else drawn["x_l"]
             batches.append(self.to_device(x))
         return batches

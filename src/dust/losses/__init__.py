@@ -14,20 +14,26 @@ __all__ = ["dice_loss", "supervised_loss", "uncertainty_rectified_loss", "signed
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft Dice loss averaged over all classes (background included), computed over the whole batch.
+              mask: torch.Tensor | None = None, include_background: bool = True,
+              squared: bool = True) -> torch.Tensor:
+    """Soft Dice loss averaged over the classes, computed over the whole batch.
 
-    This is the Dice term of the paper's Eq. 5 as implemented by SSL4MIS's DiceLoss (softmax, one-hot target).
-    ``mask`` (B, *spatial), if given, keeps only the voxels where it is true (e.g. confident pseudo-labels).
+    With the defaults, the Dice term of the paper's Eq. 5 as SSL4MIS's DiceLoss implements it (softmax, one-hot
+    target, background included, squared denominator). ``include_background=False`` averages over the foreground
+    classes only (UA-MT's and MC-Net's LA Dice, on the foreground channel); ``squared=False`` sums probabilities
+    instead of their squares in the denominator (MC-Net's ``Binary_dice_loss``). ``mask`` (B, *spatial), if given,
+    keeps only the voxels where it is true (e.g. confident pseudo-labels).
     """
     probs = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     if mask is not None:
         keep = mask[:, None].to(probs.dtype)
         probs, onehot = probs * keep, onehot * keep
+    if not include_background:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
     dims = (0, *range(2, probs.dim()))  # the batch and every spatial axis: one Dice per class
     intersect = (probs * onehot).sum(dims)
-    denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims) if squared else probs.sum(dims) + onehot.sum(dims)
     return (1 - (2 * intersect + smooth) / (denom + smooth)).mean()
 
 
@@ -135,3 +141,18 @@ def prototype_contrastive_loss(features: torch.Tensor, classes: torch.Tensor, un
         off_diagonal = ~torch.eye(len(p), dtype=torch.bool, device=p.device)
         separation = sim[off_diagonal].mean()
     return pull, separation
+
+
+def difference_review(logits_a: torch.Tensor, logits_b: torch.Tensor,
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MCF's contrastive difference review (CDR) on labelled crops: ``(loss_a, loss_b, disagreement mask)``; each
+    loss is the squared error between that subnet's softmax and the one-hot target, averaged over the classes and
+    over the voxels where the two subnets' argmax labels differ (0 where they agree everywhere)."""
+    disagree = (logits_a.argmax(1) != logits_b.argmax(1)).float()
+    onehot = F.one_hot(target.long(), logits_a.shape[1]).movedim(-1, 1).float()
+
+    def masked(logits: torch.Tensor) -> torch.Tensor:
+        error = (torch.softmax(logits.float(), 1) - onehot).pow(2).mean(1)
+        return (disagree * error).sum() / (disagree.sum() + 1e-16)
+
+    return masked(logits_a), masked(logits_b), disagree

@@ -25,12 +25,15 @@ class Stage:
     """One phase of training. Multi-stage methods (DUST, ST++) return several.
 
     ``iterations``: length of the stage; ``restart_schedule``: fresh optimiser state and poly LR from the
-    base LR at the stage start (what self-training papers do when they re-train a student).
+    base LR at the stage start (what self-training papers do when they re-train a student); ``uses_unlabeled``:
+    whether the stage's batches hold unlabelled items (``x_u``, and ``y_u`` once the method has handed the sampler
+    pseudo-labels); a stage without them draws labelled items only (config ``supervised_batch`` says how many).
     """
 
     name: str
     iterations: int
     restart_schedule: bool = False
+    uses_unlabeled: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Method:
 
     name: str = "method"
     defaults: dict[str, Any] = {}  # config keys this method reads, with defaults
-    uses_unlabeled: bool = False  # does train_step want batch["x_u"]?
+    uses_unlabeled: bool = False  # does train_step want batch["x_u"]? (the default single stage's setting)
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
@@ -91,7 +94,9 @@ class Method:
         return None
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", int(self.cfg["iterations"]))]
+        """The training phases, in order (default: one stage of ``iterations``, unlabelled data per
+        ``uses_unlabeled``)."""
+        return [Stage("train", int(self.cfg["iterations"]), uses_unlabeled=self.uses_unlabeled)]
 
     def on_train_start(self, run: RunContext) -> None:
         """Called once before the first step (also on resume)."""

@@ -1,5 +1,6 @@
-"""Pieces the consistency-based methods share: the sigmoid ramp-up, the EMA teacher, input noise, sharpening, and
-extra pseudo-label forwards that leave BatchNorm's running statistics alone.
+"""Pieces the consistency-based methods share: the sigmoid ramp-up, the EMA teacher, input noise, sharpening, MCF's
+mutual correction (dust's ``mcf``, and the framework MultiCURE builds on), and extra pseudo-label forwards that leave
+BatchNorm's running statistics alone.
 
 Every schedule length is a fraction of the run's budget (``cfg["iterations"]``), never a fixed iteration
 count: SSL4MIS ramps its consistency weight over ``consistency_rampup=200`` "epochs" of 150 iterations, i.e.
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from dust.losses import difference_review, supervised_loss
 
 # Config keys of the methods that weight an unsupervised term with a ramped-up weight (SSL4MIS's ACDC values).
 RAMPED_CONSISTENCY_DEFAULTS = {"consistency_weight": 0.1, "rampup_fraction": 1.0}
@@ -65,6 +68,39 @@ def sharpen(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     (T = 0.1). For two classes it is MC-Net's p^(1/T) / (p^(1/T) + (1 - p)^(1/T)). Computed in log space, so a
     small T does not underflow."""
     return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / temperature, dim=1)
+
+
+# MCF's weights (WYC-321/MCF, train_MCF.py): the correction 0.1 ramped over the whole run, CDR 0.5 (its sharpening
+# temperature 0.1 is the method's own key: ``temperature`` in mcf, ``sharpen_temperature`` in multicure)
+MUTUAL_CORRECTION_DEFAULTS = {"consistency_weight": 0.1, "rampup_fraction": 1.0, "cdr_weight": 0.5}
+
+
+def weaker_subnet(sup_losses: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """MCF's DCPLG choice: the index (0 or 1) of the subnet with the *higher* supervised loss, the one to be taught
+    (ties: the first subnet is taught, as MCF's code gives the ResNet subnet the teacher's role on a tie)."""
+    return int(sup_losses[1] >= sup_losses[0])
+
+
+def mutual_correction(logits: tuple[torch.Tensor, torch.Tensor], y_l: torch.Tensor, cfg: dict[str, Any],
+                      iteration: int, temperature: float) -> tuple[dict[str, torch.Tensor], int]:
+    """MCF's loss terms for two subnets' float logits on the batch [labelled; unlabelled] (``len(y_l)`` labelled):
+    ``({"sup", "cdr", "cons"}, index of the taught subnet)``; keys of :data:`MUTUAL_CORRECTION_DEFAULTS` in ``cfg``,
+    ``temperature`` the sharpening's.
+
+    - sup: each subnet's (Dice + CE) / 2 on the labelled crops;
+    - cdr: ``cdr_weight`` * both subnets' difference review against the ground truth (:func:`difference_review`);
+    - cons: the weaker subnet's softmax on the unlabelled crops pulled (MSE) to the other's sharpened softmax (no
+      gradient), weighted by ``consistency_weight`` * sigmoid ramp-up over ``rampup_fraction`` of the run.
+    """
+    n = len(y_l)
+    sups = (supervised_loss(logits[0][:n], y_l), supervised_loss(logits[1][:n], y_l))
+    cdr_a, cdr_b, _ = difference_review(logits[0][:n], logits[1][:n], y_l)
+    student = weaker_subnet(sups)
+    target = sharpen(torch.softmax(logits[1 - student][n:].detach(), 1), temperature)
+    correction = (torch.softmax(logits[student][n:], 1) - target).pow(2).mean()
+    weight = float(cfg["consistency_weight"]) * ramp(cfg, iteration)
+    return {"sup": sups[0] + sups[1], "cdr": float(cfg["cdr_weight"]) * (cdr_a + cdr_b),
+            "cons": weight * correction}, student
 
 
 @contextmanager

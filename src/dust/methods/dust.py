@@ -98,7 +98,7 @@ class DUST(StagedSelfTraining):
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         net, y_l = self.networks["model"], batch["y_l"]
-        if not self.uses_unlabeled:
+        if "x_u" not in batch:  # the labelled-only pre-training stage
             main, aux = net(batch["x_l"])
             return {"sup": supervised_loss(main, y_l) + supervised_loss(aux, y_l)}
         if "y_u" not in batch:
@@ -159,7 +159,6 @@ class DUST(StagedSelfTraining):
                 raise ValueError(f"{stage.name}: every pseudo-label is background only; nothing left to train on")
             indices = kept
         run.use_unlabeled(indices)
-        self.uses_unlabeled = True
 
     def _heads(self, nets: list[nn.Module], aux: bool = True) -> Heads:
         """Each net's (main, aux) logits, or its main logits alone, all nets in one pass over the pool."""

@@ -1,7 +1,8 @@
 """Fixed + dynamic pseudo-label co-training (Kumari & Singh, arXiv 2405.07256; CoTwin in its CVPRW 2025 version).
 
-Two subnets SN1 (``model``) and SN2 (``model2``) of the same shape, initialised differently (kaiming / xavier, as
-dust's CPS), both trained on the labelled crops with alpha * CE + (1 - alpha) * Dice. Per unlabelled crop:
+Two subnets SN1 (``model``) and SN2 (``model2``) of the same shape, initialised as dust's CPS (``init``: PyTorch's
+default for both, or ``kaiming_xavier`` as dust before 2026-12), both trained on the labelled crops with
+alpha * CE + (1 - alpha) * Dice. Per unlabelled crop:
 
 - the **fixed crop** x_f is the sampler's random crop (placed as any crop is; the sampler pads the volume by the
   shift margin, so shifted crops at its edge read zeros); each subnet's prediction on it is its **fixed pseudo-label**;
@@ -29,8 +30,8 @@ What the paper's abstract and figure captions leave unstated (its code is not pu
   shifted (in 2D both axes are in-plane);
 - ``cutmix_fraction`` 2/3 of each axis: the box BCP (Bai et al., CVPR 2023) uses for LA;
 - ``fixed_weight`` = ``dynamic_weight`` = 0.1 with the ramp over the whole run: dust's CPS weighting, so that
-  "fixed only, no CutMix" is close to CPS's cross term on unlabelled crops (dust's CPS also cross-supervises the
-  labelled crops, and takes its labels from the training forward) and the rows differ only in what is switched on;
+  "fixed only, no CutMix" is close to CPS's cross term on unlabelled crops (dust's CPS takes its labels from the
+  training forward, dropout on) and the rows differ only in what is switched on;
 - ``hard_pseudo_labels`` true (argmax + CE, as CPS); false uses the softmax as a soft CE target;
 - ``confidence_threshold`` 0 (none): voxels whose pseudo-label confidence is below it are left out of L_fix / L_dyn;
 - ``alpha`` 0.5: CE and Dice weighted equally (the paper's Figure 5 varies it);
@@ -41,7 +42,6 @@ What the paper's abstract and figure captions leave unstated (its code is not pu
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from dust.config import ConfigError
@@ -50,8 +50,7 @@ from dust.losses import dice_loss
 from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import pseudo_label_forwards, ramp
-from dust.methods.cps import init_conv_weights
-from dust.models import make_model
+from dust.models import make_network_pair
 
 
 def draw_shifts(max_shift: tuple[int, ...], generator: torch.Generator | None = None) -> list[tuple[int, ...]]:
@@ -87,7 +86,7 @@ def combine(fixed: torch.Tensor, temporary: torch.Tensor, overlap: torch.Tensor)
 class FixedDynamicCoTraining(Method):
     defaults = {"rampup_fraction": 1.0, "fixed_weight": 0.1, "dynamic_weight": 0.1, "use_fixed": True,
                 "use_dynamic": True, "cutmix": True, "cutmix_fraction": 2 / 3, "max_shift_fraction": 0.125,
-                "hard_pseudo_labels": True, "confidence_threshold": 0.0, "alpha": 0.5}
+                "hard_pseudo_labels": True, "confidence_threshold": 0.0, "alpha": 0.5, "init": "default"}
     uses_unlabeled = True
 
     def build(self) -> None:
@@ -99,8 +98,7 @@ class FixedDynamicCoTraining(Method):
         if self.cfg["cutmix"] and int(self.cfg["unlabeled_batch_size"]) < 2:
             raise ConfigError("fixdyn: cutmix swaps a box between two unlabelled crops; it needs "
                               "unlabeled_batch_size >= 2 (or cutmix: false)")
-        self.networks["model"] = init_conv_weights(make_model(self.cfg), nn.init.kaiming_normal_)
-        self.networks["model2"] = init_conv_weights(make_model(self.cfg), nn.init.xavier_normal_)
+        self.networks["model"], self.networks["model2"] = make_network_pair(self.cfg)
 
     def max_shift(self) -> tuple[int, ...]:
         """Per spatial axis: 0 on the slice axis of a 3D patch, ``max_shift_fraction`` of the in-plane sizes."""

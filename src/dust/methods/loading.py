@@ -33,6 +33,20 @@ def full_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return resolve_config(cfg, get_method(cfg.get("method", "supervised")).defaults)
 
 
+# Keys that configs written before 2026-12 lack, with the value that reproduces what those runs did (the defaults
+# changed then so that baselines train as their references do). dust writes every key into a run's config.yaml and
+# its checkpoints, so a stored config without one of these predates it: a resumed run continues as it began.
+KEYS_OF_OLDER_RUNS = {"supervised_batch": "labeled", "init": "kaiming_xavier", "cross_labeled": True,
+                      "sup_loss": "dice_ce", "framework": "as_printed"}
+
+
+def with_keys_of_older_runs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a stored config) with each key of :data:`KEYS_OF_OLDER_RUNS` that it lacks and its method (or the
+    engine) reads set to the value it had before the key existed."""
+    known = set(get_method(str(cfg.get("method", "supervised"))).defaults) | {"supervised_batch"}
+    return {**{k: v for k, v in KEYS_OF_OLDER_RUNS.items() if k in known}, **cfg}
+
+
 def stored_config(cfg: Any, source: Path, how: str = "--method {name}") -> dict[str, Any]:
     """A config dust wrote earlier (in a checkpoint, or a run's ``config.yaml``), resolved for use here.
 
@@ -48,7 +62,7 @@ def stored_config(cfg: Any, source: Path, how: str = "--method {name}") -> dict[
     if not _device_available(str(cfg.get("device", "auto"))):
         cfg = {**cfg, "device": "auto"}
     try:
-        return resolve_config(cfg, get_method(name).defaults)
+        return resolve_config(with_keys_of_older_runs(cfg), get_method(name).defaults)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

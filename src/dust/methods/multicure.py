@@ -2,20 +2,29 @@
 
 - ``model``, the **predictive** network (the configured VNet), and ``model2``, the **auxiliary** network (MCF's VNet
   decoder on a ResNet encoder, :mod:`dust.models.resnet`) with the MultiCURE module in its decoder
-  (:mod:`dust.models.deformable`). Eq. 1: both supervised with CE + Dice on the labelled crops.
+  (:mod:`dust.models.deformable`).
 - **Binary uncertainty map**: the predictive network's softmax confidence below ``confidence_threshold`` -> 1
   (uncertain). It is added to the output of MultiCURE's deformable branch (the uncertainty attention map).
-- **Unlabelled loss** (Eq. 2): the predictive network's hard pseudo-label supervises the auxiliary network with
-  CE + Dice on the confident voxels (confidence > 0.7, the paper's), plus ``reg_weight`` * L_reg, the L1 distance
-  between the two networks' softmax on the confident voxels where their labels disagree (MCF's XOR region).
+- **Framework** (``framework``), what trains the two networks besides the contrastive term:
+  - ``mcf`` (default): MCF's, which the paper builds on and compares with (MCF 88.71 -> MultiCURE 89.21 on LA), as
+    dust's ``mcf`` trains it (:func:`dust.methods.consistency.mutual_correction`): (Dice + CE) / 2 per network, the
+    difference review against the ground truth on the labelled crops, and the network with the higher supervised
+    loss taught by the other's sharpened softmax on the unlabelled crops (0.1 x sigmoid ramp-up). The authors'
+    precursor code (xmindflow/SSL-contrastive, ``src/train_LA.py``, "based on MCF") keeps this machinery too (its
+    unlabelled and contrastive terms are computed from detached tensors and train nothing; dust's do train).
+  - ``as_printed``: Eq. 1-2 read literally (dust before 2026-12): both networks supervised with CE + Dice; the
+    predictive network's hard pseudo-label supervises the auxiliary network with CE + Dice on the confident voxels
+    (confidence > 0.7), weight ``unlabeled_weight`` 1 without ramp, plus ``reg_weight`` (0.5) * L_reg, the L1
+    distance between the two networks' softmax on the confident voxels where their labels disagree.
 - **Deep contrastive loss** (Eq. 4-5): per decoder level in ``contrastive_levels``, class prototypes are the mean
   auxiliary features of the confident voxels of each class (ground truth on labelled crops, the pseudo-label on
-  unlabelled ones); uncertain voxels are pulled to their class prototype (cosine / ``temperature``), and the
-  prototypes are pushed apart (:func:`dust.losses.prototype_contrastive_loss`, whose docstring says where it departs
-  from Eq. 5).
-- Eq. 3: L = L_s + lambda_u L_u + lambda_c(t) L_c with lambda_u = 1. ``contrastive_schedule: paper`` (default) is the
-  formula as printed, lambda_c = 0.1 e^{4 (1 - t/t_max)^2}: it *decreases* from 5.46 to 0.1; ``rampup`` is the usual
-  ramp-up 0.1 e^{-5 (1 - t/t_max)^2}. docs/results/la.md says which the LA numbers support.
+  unlabelled ones: the teacher's argmax under ``mcf``, the predictive network's under ``as_printed``); uncertain
+  voxels are pulled to their class prototype (cosine / ``temperature``), and the prototypes are pushed apart
+  (:func:`dust.losses.prototype_contrastive_loss`, whose docstring says where it departs from Eq. 5).
+- lambda_c(t) (``contrastive_schedule``): ``rampup`` (default) 0.1 e^{-5 (1 - t/t_max)^2}, the 0.1 x sigmoid
+  ramp-up of the precursor code; ``paper`` the formula as printed in Eq. 3, 0.1 e^{4 (1 - t/t_max)^2}, which
+  *decreases* from 5.46 to 0.1 (dust before 2026-12: today's ``as_printed`` records add ``contrastive_schedule:
+  paper``).
 
 Unstated in the paper, chosen here:
 - MultiCURE sits after the decoder's second level (``refine_level`` 1: a quarter of the resolution, 64 channels of
@@ -25,15 +34,12 @@ Unstated in the paper, chosen here:
   (docs/results/speed/la_step_speed.json has the branch's share of a step). ``contrastive_levels`` are the refined
   level and the full-resolution one (deep and shallow, each on its own grid with nearest-neighbour masks; their
   losses are averaged).
-- ``temperature`` 0.5; ``reg_weight`` 0.5 (MCF's weight of its XOR term); ``reduction`` r = 4.
-- Nothing is detached but the pseudo-label, the uncertainty map and the prototypes' pull targets: L_reg trains both
-  networks, L_c the auxiliary one (its features); inference averages the two networks' softmax, as MCF's does.
-Ablation rows from this file: the base is ``multicure_module: false`` + ``contrastive: false`` (the two networks
-with Eq. 1-2 only); ``multicure_module: false`` (the auxiliary network without the module) and ``contrastive:
-false`` switch one off. ``method: mcf`` is a reference row, not the base: MCF's own unlabelled terms (CDR, DCPLG)
-and its (CE + Dice) / 2 differ from Eq. 1-2.
+- ``temperature`` 0.5 (the contrastive one; MCF's sharpening is ``sharpen_temperature``); ``reduction`` r = 4.
+- Inference averages the two networks' softmax, as MCF's does.
+Ablation rows from this file: the base is ``multicure_module: false`` + ``contrastive: false`` (under ``mcf``, the
+two networks of dust's ``mcf``); ``multicure_module: false`` (the auxiliary network without the module) and
+``contrastive: false`` switch one off.
 """
-
 from __future__ import annotations
 
 import math
@@ -46,10 +52,12 @@ from dust.data.transforms import resize_label
 from dust.losses import class_prototypes, dice_loss, masked_supervised_loss, prototype_contrastive_loss
 from dust.methods import register
 from dust.methods.base import Method
+from dust.methods.consistency import MUTUAL_CORRECTION_DEFAULTS, mutual_correction
 from dust.models import make_model
 from dust.models.deformable import UncertaintyRefinedNetwork
 
 CONTRASTIVE_SCHEDULES = ("paper", "rampup")
+FRAMEWORKS = ("mcf", "as_printed")
 
 
 def contrastive_weight(schedule: str, iteration: int, iterations: int, base: float = 0.1) -> float:
@@ -69,13 +77,17 @@ def uncertainty_map(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 
 @register("multicure")
 class MultiCURENetworks(Method):
-    defaults = {"unlabeled_weight": 1.0, "reg_weight": 0.5, "confidence_threshold": 0.7, "multicure_module": True,
-                "contrastive": True, "contrastive_schedule": "paper", "temperature": 0.5, "refine_level": 1,
-                "contrastive_levels": [1, 3], "reduction": 4, "second_model": "resnet_vnet"}
+    defaults = {"framework": "mcf", **MUTUAL_CORRECTION_DEFAULTS, "sharpen_temperature": 0.1,  # mcf's keys
+                "unlabeled_weight": 1.0, "reg_weight": 0.5,  # the as_printed framework's keys
+                "confidence_threshold": 0.7, "multicure_module": True, "contrastive": True,
+                "contrastive_schedule": "rampup", "temperature": 0.5, "refine_level": 1, "contrastive_levels": [1, 3],
+                "reduction": 4, "second_model": "resnet_vnet"}
     uses_unlabeled = True
 
     def build(self) -> None:
         contrastive_weight(self.cfg["contrastive_schedule"], 0, 1)  # an unknown schedule fails before training
+        if self.cfg["framework"] not in FRAMEWORKS:
+            raise ConfigError(f"framework {self.cfg['framework']!r}: choose one of {FRAMEWORKS}")
         self.networks["model"] = make_model(self.cfg)
         auxiliary = make_model(self.cfg, model=self.cfg["second_model"])
         if self.cfg["multicure_module"] or self.cfg["contrastive"]:  # the wrapper also hands out decoder features
@@ -100,16 +112,12 @@ class MultiCURENetworks(Method):
         uncertain = uncertainty_map(probs_p.detach(), threshold)  # (B, 1, *spatial)
         logits_a, features = self._auxiliary(x, uncertain)
         logits_a = logits_a.float()
-        probs_a = torch.softmax(logits_a, 1)
-
-        sup = sum(F.cross_entropy(out[:n], y_l.long()) + dice_loss(out[:n], y_l) for out in (logits_p, logits_a))
-        pseudo = probs_p[n:].detach().argmax(1)
-        confident = uncertain[n:, 0] == 0
-        # L_reg on the XOR region, and like all of L_u only where the predictive network is confident (Section 2)
-        disagree = ((probs_p[n:].argmax(1) != probs_a[n:].argmax(1)) & confident)[:, None].float()
-        reg = ((probs_p[n:] - probs_a[n:]).abs() * disagree).sum() / (disagree.sum() * probs_p.shape[1]).clamp_min(1)
-        losses = {"sup": sup, "unsup": float(self.cfg["unlabeled_weight"]) * (
-            masked_supervised_loss(logits_a[n:], pseudo, confident) + float(self.cfg["reg_weight"]) * reg)}
+        if self.cfg["framework"] == "mcf":
+            losses, student = mutual_correction((logits_p, logits_a), y_l, self.cfg, iteration,
+                                                float(self.cfg["sharpen_temperature"]))
+            pseudo = (logits_p, logits_a)[1 - student][n:].detach().argmax(1)  # the teacher's label
+        else:
+            losses, pseudo = self._as_printed(logits_p, probs_p, logits_a, uncertain, y_l)
 
         if self.cfg["contrastive"]:
             classes = torch.cat([y_l.long(), pseudo])  # ground truth where there is one, else the pseudo-label
@@ -126,6 +134,20 @@ class MultiCURENetworks(Method):
         if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
             self.run.log_scalars({"multicure/uncertain_share": float(uncertain.mean())}, step=iteration + 1)
         return losses
+
+    def _as_printed(self, logits_p: torch.Tensor, probs_p: torch.Tensor, logits_a: torch.Tensor,
+                    uncertain: torch.Tensor, y_l: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Eq. 1-2 read literally: ``({"sup", "unsup"}, the predictive network's pseudo-label)``."""
+        n = len(y_l)
+        probs_a = torch.softmax(logits_a, 1)
+        sup = sum(F.cross_entropy(out[:n], y_l.long()) + dice_loss(out[:n], y_l) for out in (logits_p, logits_a))
+        pseudo = probs_p[n:].detach().argmax(1)
+        confident = uncertain[n:, 0] == 0
+        # L_reg on the XOR region, and like all of L_u only where the predictive network is confident (Section 2)
+        disagree = ((probs_p[n:].argmax(1) != probs_a[n:].argmax(1)) & confident)[:, None].float()
+        reg = ((probs_p[n:] - probs_a[n:]).abs() * disagree).sum() / (disagree.sum() * probs_p.shape[1]).clamp_min(1)
+        return {"sup": sup, "unsup": float(self.cfg["unlabeled_weight"]) * (
+            masked_supervised_loss(logits_a[n:], pseudo, confident) + float(self.cfg["reg_weight"]) * reg)}, pseudo
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         probs_p = torch.softmax(self.networks["model"](x).float(), 1)

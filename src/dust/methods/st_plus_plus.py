@@ -64,7 +64,7 @@ class STPlusPlus(StagedSelfTraining):
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         net, n = self.networks["model"], len(batch["x_l"])
-        if not self.uses_unlabeled:
+        if "x_u" not in batch:  # the labelled-only pre-training stage
             return {"sup": supervised_loss(net(batch["x_l"]), batch["y_l"])}
         x_u, y_u = strong_augment(batch["x_u"], batch["y_u"])
         logits = net(torch.cat([batch["x_l"], self.run.to_device(x_u)]))
@@ -83,7 +83,6 @@ class STPlusPlus(StagedSelfTraining):
             run.use_unlabeled(self.order)
         if self.cfg["reinitialize_student"]:
             reinitialize(self.networks["model"])
-        self.uses_unlabeled = True
 
     def _rank_pool(self, run: RunContext) -> None:
         snapshots, pool = self.load_snapshots(), run.data.unlabeled

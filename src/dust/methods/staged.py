@@ -49,7 +49,6 @@ class StagedSelfTraining(Method):
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
-        self.uses_unlabeled = False  # the teacher pre-trains on labelled data only; stage 1 turns this on
         self.uncertainty: torch.Tensor | None = None  # ranking score per unlabelled slice (pool order), low = reliable
         self.order: torch.Tensor | None = None  # pool indices, ascending uncertainty
         self.reliable: torch.Tensor | None = None  # the first reliable_fraction of order
@@ -66,7 +65,9 @@ class StagedSelfTraining(Method):
         total, restart = int(self.cfg["iterations"]), bool(self.cfg["restart_lr_per_stage"])
         pre = round(total * self.cfg["pretrain_fraction"])
         s1 = round(total * self.cfg["stage1_fraction"])
-        return [Stage("pretrain", pre), Stage("stage1", s1, restart), Stage("stage2", total - pre - s1, restart)]
+        # the teacher pre-trains on labelled data only; the students see the pseudo-labelled pool too
+        return [Stage("pretrain", pre), Stage("stage1", s1, restart, uses_unlabeled=True),
+                Stage("stage2", total - pre - s1, restart, uses_unlabeled=True)]
 
     def _snapshot_iterations(self) -> list[int]:
         """Iteration counts (1-based) at which pre-training snapshots k = 1..K are written."""
@@ -158,12 +159,10 @@ class StagedSelfTraining(Method):
     def extra_state(self) -> dict[str, Any]:
         # The sampler's own state already holds the restricted unlabelled indices.
         return {
-            "uses_unlabeled": self.uses_unlabeled,
             "pseudo_labels": self.run.data.unlabeled.pseudo_labels,
             "uncertainty": self.uncertainty, "order": self.order, "reliable": self.reliable,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.uses_unlabeled = bool(state["uses_unlabeled"])
         self.run.data.unlabeled.pseudo_labels = state["pseudo_labels"]
         self.uncertainty, self.order, self.reliable = state["uncertainty"], state["order"], state["reliable"]

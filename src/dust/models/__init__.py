@@ -11,7 +11,11 @@ method file builds a U-Net in 2D and a VNet in 3D.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
+import torch.nn as nn
 
 from dust.config import ConfigError
 from dust.models.base import SegmentationNetwork
@@ -24,7 +28,7 @@ from dust.models.vnet import DualDecoderVNet, VNet
 __all__ = ["SegmentationNetwork", "UNet", "DualDecoderUNet", "DeepSupervisionUNet", "VNet", "DualDecoderVNet",
            "DeepSupervisionVNet", "ResNetVNet", "LevelSetNetwork",
            "UNet2D", "DualDecoderUNet2D", "DeepSupervisionUNet2D", "make_model",
-           "model_family", "MODELS"]
+           "model_family", "MODELS", "PAIR_INITS", "make_network_pair", "init_conv_weights"]
 
 # name -> (family, variant)
 MODELS = {
@@ -71,3 +75,34 @@ def make_model(cfg: dict[str, Any], model: str | None = None, upsample: str | No
     if variant != "dual":
         kwargs["upsample"] = upsample or cfg["upsample"]
     return cls(**kwargs)
+
+
+# How the two networks of a co-training pair (CPS, fixdyn) start: ``default`` PyTorch's initialisation for both (they
+# differ by their random draws), as SSL4MIS's 2D CPS script runs since its fix 9a74d15, which removed the calls;
+# ``kaiming_xavier`` every convolution weight kaiming-normal in the first network and xavier-normal in the second
+# (SSL4MIS's 3D CPS script; dust before 2026-12). With BatchNorm after every convolution the effective learning
+# rate scales as lr / ||w||^2, and on dust's networks these inits give several times PyTorch's squared weight norm.
+PAIR_INITS = {"default": (None, None), "kaiming_xavier": (nn.init.kaiming_normal_, nn.init.xavier_normal_)}
+
+
+def init_conv_weights(net: nn.Module, init: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """``init`` on every convolution weight (2D or 3D; not the transposed convolutions), BatchNorm to weight 1,
+    bias 0."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d | nn.Conv3d):
+            init(m.weight)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def make_network_pair(cfg: dict[str, Any]) -> tuple[SegmentationNetwork, SegmentationNetwork]:
+    """Two networks of the configured shape, initialised per ``cfg["init"]`` (:data:`PAIR_INITS`)."""
+    if cfg["init"] not in PAIR_INITS:
+        raise ConfigError(f"init {cfg['init']!r}: choose one of {list(PAIR_INITS)}")
+    nets = []
+    for init in PAIR_INITS[cfg["init"]]:
+        net = make_model(cfg)
+        nets.append(net if init is None else init_conv_weights(net, init))
+    return nets[0], nets[1]
