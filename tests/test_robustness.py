@@ -360,10 +360,17 @@ def test_a_second_process_on_a_busy_run_directory_is_refused_and_the_first_files
 @pytest.mark.parametrize(("user_env", "expected"), [({}, "unset 10000"),
                                                     ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE unset"),
                                                     ({"GOMP_SPINCOUNT": "1000"}, "unset 1000")])
-def test_openmp_spins_briefly_unless_the_user_chose_a_policy(user_env: dict, expected: str):
+def test_the_dust_command_spins_briefly_unless_the_user_chose_a_policy(user_env: dict, expected: str):
     """Long-spinning OpenMP threads crawl when another process holds a core (docs/results/speed/wait_policy.md)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | user_env
-    code = ("import dust, os; print(os.environ.get('OMP_WAIT_POLICY', 'unset'), "
-            "os.environ.get('GOMP_SPINCOUNT', 'unset'))")
+    code = ("import dust.cli.main, os; print(os.environ.get('OMP_WAIT_POLICY', 'unset'), "
+            "os.environ.get('GOMP_SPINCOUNT', 'unset'), 'torch' in __import__('sys').modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expected
+    assert out.stdout.strip() == f"{expected} True"
+
+
+def test_importing_dust_leaves_the_environment_alone():
+    code = ("import os; before = dict(os.environ); import dust, dust.engine, dust.methods, dust.data; "
+            "print(dict(os.environ) == before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

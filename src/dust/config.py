@@ -85,6 +85,8 @@ BASE_DEFAULTS: dict[str, Any] = {
     # baseline (BatchNorm normalises over the same number of crops); "labeled" batch_size only (dust before
     # 2026-12; records made so name it in their options).
     "supervised_batch": "ssl",
+    "optimizer": "sgd",  # sgd | adam | adamw (dust.optim; a method may supply its own: Method.configure_optimizer)
+    "lr_schedule": "poly",  # poly | constant | cosine, from lr at each stage that restarts the schedule
     "lr": 0.01,
     "momentum": 0.9,
     "weight_decay": 1e-4,
@@ -239,6 +241,7 @@ def resolve_config(cfg: dict[str, Any], method_defaults: dict[str, Any]) -> dict
 
 CHOICES = {"spatial_policy": ("resize", "crop"), "empty_mask_policy": ("dust", "nnunet", "exclude"),
            "inference_blend": ("gaussian", "constant"), "supervised_batch": ("ssl", "labeled"),
+           "optimizer": ("sgd", "adam", "adamw"), "lr_schedule": ("poly", "constant", "cosine"),
            "dataset": ("ssl4mis_h5", "la_h5", "prepared_3d"),
            "intensity_norm": ("minmax", "zscore", "zscore_nonzero", "ct", "none")}
 

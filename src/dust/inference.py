@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from dust.data.transforms import resample_to, resampled_shape, resize_image, separate_axis, spacing_grid
 from dust.data.types import as_tensor
@@ -163,6 +162,8 @@ class Predictor:
 
     def _sliding_window(self, heads: Heads, x: torch.Tensor) -> list[torch.Tensor]:
         """Per head (B, K, *spatial) probabilities of windows of the patch size blended over ``x``."""
+
+        from monai.inferers import sliding_window_inference  # here: importing MONAI costs seconds at every `dust` start
 
         def window_probs(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(torch.softmax(z.float(), 1) for z in self._forward(heads, w))

@@ -31,7 +31,7 @@ IDENTITY = (
 # Engine keys that change a run's numbers without being one of the identity's own columns.
 NUMBER_CHANGING_ENGINE_OPTIONS = ("batchnorm_recalibration_batches", "inference_overlap", "inference_stride",
                                   "inference_blend", "foreground_oversample", "empty_mask_policy",
-                                  "supervised_batch")
+                                  "supervised_batch", "optimizer", "lr_schedule")
 _METRICS = (("dice", 100.0), ("jaccard", 100.0), ("hd95_vox", 1.0), ("asd_vox", 1.0))
 
 

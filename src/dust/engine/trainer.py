@@ -35,6 +35,7 @@ from dust.methods import RunContext, Stage
 from dust.methods.loading import build_method, pick_device
 from dust.models.batchnorm import recalibrate_batchnorm
 from dust.models.layers import to_channels_last
+from dust.optim import lr_factor
 from dust.storage import CheckpointError, atomic_save, check_compatible, check_writable_folder, load_network_weights
 
 log = logging.getLogger("dust")
@@ -168,9 +169,8 @@ class Trainer:
         self.method.run = RunContext(
             data=self.data, run_dir=self.run_dir, checkpoint_dir=self.ckpt_dir, device=self.device,
             is_main=self.is_main, to_device=self.to_device, autocast=self.autocast,
-            use_unlabeled=self.sampler.set_unlabeled_indices, recalibration_batches=self.recalibration_batches,
-            log_scalars=self.scalars)
-        self.optimizer = self._make_optimizer()
+            use_unlabeled=self.sampler.set_unlabeled_indices, recalibration_batches=self.recalibration_batches)
+        self.optimizer = self._new_optimizer()
         self.spans = _stage_spans(self.method.stages())
         self.total_iterations = self.spans[-1].end
         self.iteration = 0
@@ -182,12 +182,6 @@ class Trainer:
         self.writer = None
 
     # ------------------------------------------------------------------ helpers for methods
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            self.method.parameters(), lr=self.cfg["lr"], momentum=self.cfg["momentum"],
-            weight_decay=self.cfg["weight_decay"],
-        )
-
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return to_channels_last(x) if self.cfg["channels_last"] else x
@@ -239,6 +233,8 @@ class Trainer:
         self.started_stage = int(state["started_stage"])
         self.iteration = int(state["iteration"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint from before initial_lr: one group at the config's
+            group.setdefault("initial_lr", self.cfg["lr"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         if self.ranks.enabled or state.get("rank_states"):
@@ -290,10 +286,20 @@ class Trainer:
         atomic_save(state, self.ckpt_dir / "best.pt")
 
     # ------------------------------------------------------------------ the loop
-    def _lr(self, span: StageSpan) -> float:
-        length = span.schedule_end - span.schedule_begin
-        done = (self.iteration - span.schedule_begin) / length
-        return self.cfg["lr"] * (1.0 - done) ** self.cfg["lr_power"]
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        """The method's optimiser, each parameter group's starting rate kept as ``initial_lr`` for the schedule."""
+        optimizer = self.method.configure_optimizer()
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
+
+    def _set_lr(self, span: StageSpan) -> float:
+        """Every group's rate at this iteration: its starting rate times the schedule's factor; returns the first's."""
+        done = (self.iteration - span.schedule_begin) / (span.schedule_end - span.schedule_begin)
+        factor = lr_factor(done, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
 
     def validate(self) -> float:
         # several ranks: each scores a share of the volumes; a single process scores them all
@@ -318,7 +324,8 @@ class Trainer:
         interactive = sys.stderr.isatty()  # in a log file, one progress line a minute is plenty
         bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not (cfg["progress"] and self.is_main),
                    dynamic_ncols=True, desc=str(cfg["method"]), mininterval=0.5 if interactive else 60)
-        window: dict[str, tuple[float, int]] = {}
+        window: dict[str, tuple[float, int]] = {}  # loss terms: (sum, count) since the last log line
+        diagnostics: dict[str, tuple[float, int]] = {}  # the method's Method.log values, likewise
         tic = time.perf_counter()
         while self.iteration < self.total_iterations:
             span = self.current_span()
@@ -326,15 +333,13 @@ class Trainer:
                 log.info("stage %d/%d %r begins at iteration %d (%d iterations)", span.index + 1,
                          len(self.spans), span.stage.name, self.iteration, span.stage.iterations)
                 if span.stage.restart_schedule:
-                    self.optimizer = self._make_optimizer()
+                    self.optimizer = self._new_optimizer()
                 if self.is_main:  # several ranks: rank 0 alone (pseudo-labels, files), the others receive it
                     method.on_stage_start(span.stage, method.run)
                 if self.ranks.enabled:
                     distributed.share_stage_start(method, self.sampler, self.ranks)
                 self.started_stage = span.index
-            lr = self._lr(span)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self._set_lr(span)
             for net in method.networks.values():
                 net.train()
             drawn = self.sampler.next(span.stage.uses_unlabeled, self.labeled_batch_size(span.stage))
@@ -364,15 +369,20 @@ class Trainer:
             for k, v in {**losses, "loss": loss}.items():
                 total, count = window.get(k, (0.0, 0))
                 window[k] = (total + float(v.detach()), count + 1)  # counted per term: terms may start mid-window
+            for k, v in method.logged.items():
+                total, count = diagnostics.get(k, (0.0, 0))
+                diagnostics[k] = (total + v, count + 1)
+            method.logged = {}
             if self.iteration % cfg["log_every"] == 0:
                 means = {k: total / count for k, (total, count) in window.items()}
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}", refresh=interactive)
                 self.scalars({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr})
+                self.scalars({k: total / count for k, (total, count) in diagnostics.items()})
                 self.train_log.append({"iteration": self.iteration, **means})
                 terms = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
                 log.info("iteration %d: loss %.4f (%s) lr %.5f", self.iteration, means["loss"], terms, lr,
                          extra={"file_only": True})  # every log_every iterations, into train.log
-                window = {}
+                window, diagnostics = {}, {}
             if self.iteration % cfg["val_every"] == 0 or self.iteration == self.total_iterations:
                 self.train_seconds += time.perf_counter() - tic
                 self._validate_and_checkpoint(span)
@@ -432,11 +442,7 @@ class Trainer:
             save_iteration_checkpoint(state, self.ckpt_dir, self.iteration, self.cfg["keep_checkpoints"])
 
     def scalars(self, values: dict[str, float], step: int | None = None) -> None:
-        """TensorBoard scalars (methods call this for their own diagnostics).
-
-        ``step`` defaults to the number of completed iterations; inside ``train_step`` pass ``iteration + 1``
-        so a method's scalars line up with the engine's ``train/*`` ones.
-        """
+        """TensorBoard scalars at ``step`` (default: the number of completed iterations)."""
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, self.iteration if step is None else step)

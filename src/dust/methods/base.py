@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from dust.data import TrainingData
+from dust.optim import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class RunContext:
     device in the configured layout; ``autocast()`` is the run's mixed-precision context.
     ``use_unlabeled(indices)`` restricts the sampler's unlabelled stream to those pool items (e.g. DUST's
     reliable half). ``recalibration_batches()``: fresh training batches for BatchNorm recalibration, drawn from a
-    sampler of their own, so training draws stay as they were. ``log_scalars(values, step)``: TensorBoard.
+    sampler of their own, so training draws stay as they were.
     """
 
     data: TrainingData
@@ -58,7 +59,6 @@ class RunContext:
     autocast: Callable[[], AbstractContextManager]
     use_unlabeled: Callable[[Sequence[int] | torch.Tensor], None]
     recalibration_batches: Callable[[], list[torch.Tensor]]
-    log_scalars: Callable[[dict[str, float], int | None], None]
 
 
 class Method:
@@ -73,6 +73,7 @@ class Method:
         self.cfg = cfg
         self.networks: dict[str, nn.Module] = {}  # everything here is moved, checkpointed and restored
         self.run: RunContext | None = None  # set by the engine when training
+        self.logged: dict[str, float] = {}  # this step's diagnostics (:meth:`log`), collected by the engine
 
     # --- required -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -83,10 +84,21 @@ class Method:
         """Return named loss terms; the engine sums them, back-propagates and steps."""
         raise NotImplementedError
 
+    def log(self, values: dict[str, float | torch.Tensor]) -> None:
+        """Diagnostics of this step (not loss terms), e.g. ``{"mcf/teacher_is_model2": 1.0}``: the engine averages
+        them over ``log_every`` iterations and writes them to TensorBoard with the loss terms."""
+        self.logged.update({name: float(value) for name, value in values.items()})
+
     # --- optional -----------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates (default: every network's)."""
         return [p for net in self.networks.values() for p in net.parameters()]
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser over :meth:`parameters` (default: the config's ``optimizer``, :mod:`dust.optim`). The engine
+        calls it at the start and at each stage that restarts the schedule, and scales every group's starting
+        rate by the config's ``lr_schedule``."""
+        return make_optimizer(self.parameters(), self.cfg)
 
     def unlabeled_crop_margin(self) -> tuple[int, ...] | None:
         """Voxels added on both sides of each axis of the unlabelled crops (default: none), for a method that cuts

@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dust.losses import supervised_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import ramp
+from dust.methods.registry import register
 from dust.models import make_model
 from dust.uncertainty import predictive_entropy
 

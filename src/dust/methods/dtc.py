@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from dust.losses import level_set_to_probability, signed_distance_map, supervised_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import ramp
+from dust.methods.registry import register
 from dust.models import make_model
 
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from dust.config import ConfigError
 from dust.inference import Heads
 from dust.losses import dice_loss, supervised_loss, uncertainty_rectified_loss
-from dust.methods import register
 from dust.methods.base import RunContext, Stage
+from dust.methods.registry import register
 from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
 from dust.uncertainty import decoder_kl, predictive_entropy, sample_uncertainty
 from dust.uncertainty.report import save_uncertainty_figure, write_sample_uncertainty_csv
@@ -114,13 +114,11 @@ class DUST(StagedSelfTraining):
             unsup, dkl = F.cross_entropy(main_u.float(), y_u.long()), None
         if self.cfg["pseudo_label_dice"]:
             unsup = unsup + dice_loss(main_u, y_u)
-        if (iteration + 1) % self.cfg["log_every"] == 0 and self.run is not None:
-            if dkl is None:  # the ablations log the same diagnostic, it is just not in their loss
-                dkl = decoder_kl(main_u.detach(), aux_u.detach())
-            self.run.log_scalars({
-                "uncertainty/dkl_mean": float(dkl.mean()),
-                "uncertainty/low_weight_share": float((torch.exp(-dkl) < 0.5).float().mean()),
-            }, step=iteration + 1)
+        if dkl is None:  # the ablations log the same diagnostic, it is just not in their loss
+            dkl = decoder_kl(main_u.detach(), aux_u.detach())
+        dkl = dkl.detach()
+        self.log({"uncertainty/dkl_mean": dkl.mean(),
+                  "uncertainty/low_weight_share": (torch.exp(-dkl) < 0.5).float().mean()})
         return {"sup": sup, "unsup": unsup}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

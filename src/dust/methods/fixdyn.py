@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from dust.config import ConfigError
 from dust.data.transforms import cut_mix, cutmix_box, shifted_window, to_centre_frame
 from dust.losses import dice_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import pseudo_label_forwards, ramp
+from dust.methods.registry import register
 from dust.models import make_network_pair
 
 

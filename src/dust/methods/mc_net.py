@@ -27,9 +27,9 @@ import torch
 
 from dust.config import ConfigError
 from dust.losses import dice_loss, supervised_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import ramp, sharpen
+from dust.methods.registry import register
 from dust.models import make_model
 
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import MUTUAL_CORRECTION_DEFAULTS, mutual_correction
+from dust.methods.registry import register
 from dust.models import make_model
 
 
@@ -50,8 +50,7 @@ class MutualCorrection(Method):
         logits = (self.networks["model"](x).float(), self.networks["model2"](x).float())
         losses, student = mutual_correction(logits, batch["y_l"], self.cfg, iteration,
                                             float(self.cfg["temperature"]))
-        if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
-            self.run.log_scalars({"mcf/teacher_is_model2": float(student == 0)}, step=iteration + 1)
+        self.log({"mcf/teacher_is_model2": float(student == 0)})
         return losses
 
     @torch.no_grad()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from dust.losses import supervised_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import RAMPED_CONSISTENCY_DEFAULTS, ema_teacher, ema_update, input_noise, ramp
+from dust.methods.registry import register
 from dust.models import make_model
 
 

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from dust.config import ConfigError
 from dust.data.transforms import resize_label
 from dust.losses import class_prototypes, dice_loss, masked_supervised_loss, prototype_contrastive_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import MUTUAL_CORRECTION_DEFAULTS, mutual_correction
+from dust.methods.registry import register
 from dust.models import make_model
 from dust.models.deformable import UncertaintyRefinedNetwork
 
@@ -131,8 +131,7 @@ class MultiCURENetworks(Method):
                 terms.append(pull + separation)
             weight = contrastive_weight(self.cfg["contrastive_schedule"], iteration, int(self.cfg["iterations"]))
             losses["contrast"] = weight * torch.stack(terms).mean()
-        if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
-            self.run.log_scalars({"multicure/uncertain_share": float(uncertain.mean())}, step=iteration + 1)
+        self.log({"multicure/uncertain_share": uncertain.mean()})
         return losses
 
     def _as_printed(self, logits_p: torch.Tensor, probs_p: torch.Tensor, logits_a: torch.Tensor,

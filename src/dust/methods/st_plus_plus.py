@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from dust.data.strong_augment import IGNORE_INDEX, strong_augment
 from dust.losses import supervised_loss
-from dust.methods import register
 from dust.methods.base import RunContext, Stage
+from dust.methods.registry import register
 from dust.methods.staged import SCHEDULE_DEFAULTS, SORTING_DEFAULTS, StagedSelfTraining
 
 log = logging.getLogger("dust")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from dust.losses import supervised_loss
-from dust.methods import register
 from dust.methods.base import Method
+from dust.methods.registry import register
 from dust.models import make_model
 
 

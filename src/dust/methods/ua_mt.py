@@ -20,9 +20,9 @@ import math
 import torch
 
 from dust.losses import supervised_loss
-from dust.methods import register
 from dust.methods.consistency import input_noise, ramp
 from dust.methods.mean_teacher import MeanTeacher
+from dust.methods.registry import register
 from dust.uncertainty import predictive_entropy
 
 
@@ -47,7 +47,6 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         certain = (uncertainty < threshold).unsqueeze(1).float()
         sq = (torch.softmax(logits[n:].float(), 1) - torch.softmax(teacher_u.float(), 1)).pow(2)
         cons = (certain * sq).sum() / (num_classes * certain.sum() + 1e-16)
-        if self.run is not None and (iteration + 1) % self.cfg["log_every"] == 0:
-            self.run.log_scalars({"uncertainty/certain_share": float(certain.mean())}, step=iteration + 1)
+        self.log({"uncertainty/certain_share": certain.mean()})
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
         return {"sup": supervised_loss(logits[:n], batch["y_l"]), "cons": weight * cons}

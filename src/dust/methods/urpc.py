@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from dust.losses import supervised_loss
-from dust.methods import register
 from dust.methods.base import Method
 from dust.methods.consistency import RAMPED_CONSISTENCY_DEFAULTS, ramp
+from dust.methods.registry import register
 from dust.models import make_model
 
 
