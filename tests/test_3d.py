@@ -285,7 +285,7 @@ def test_dust_in_3d_ranks_every_unlabelled_volume_and_the_report_shows_the_ends(
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
     values = [float(r["uncertainty"]) for r in rows]
     assert values == sorted(values) and all(np.isfinite(values))
-    assert all(y.shape == img.shape[-3:] for y, img in zip(pool.pseudo_labels, pool.images, strict=True))
+    assert all(y.shape == img.shape[-3:] for y, img in zip(trainer.method.pseudo_labels, pool.images, strict=True))
     assert dust_main(["report", str(trainer.run_dir)]) == 0
     html = (trainer.run_dir / "report.html").read_text()
     assert "Sample uncertainty of the unlabelled pool" in html

@@ -167,7 +167,7 @@ def test_st_plus_plus_selects_stable_slices_and_relabels_only_the_rest(tiny_cfg,
     def spy(stage, tr):
         before = _state(method.networks["model"])
         original(stage, tr)
-        labels = pool.pseudo_labels
+        labels = method.pseudo_labels
         seen[stage.name] = {
             "drawn": sorted(trainer.sampler.unlabeled_stream.indices.tolist()),
             "labels": None if labels is None else [y.clone() for y in labels],

@@ -34,7 +34,7 @@ class ProbeDust(DUST):
         state = super().extra_state()
         if getattr(self, "completed", 0) == sum(stage.iterations for stage in self.stages()):
             torch.save({"weights": self.networks["model"].state_dict(), "drawn": self.drawn,
-                        "pseudo_labels": self.run.data.unlabeled.pseudo_labels, "order": self.order,
+                        "pseudo_labels": self.pseudo_labels, "order": self.order,
                         "launcher": os.environ.get("TORCHELASTIC_RUN_ID")},
                        os.path.join(os.environ["PROBE_DIR"], f"rank{dist.get_rank()}.pt"))
         return state

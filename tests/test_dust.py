@@ -138,7 +138,7 @@ def _spy_stage_starts(trainer: Trainer, monkeypatch) -> dict[str, dict]:
 
     def spy(stage, tr):
         original(stage, tr)
-        labels = tr.data.unlabeled.pseudo_labels
+        labels = trainer.sampler.pseudo_labels
         seen[stage.name] = {
             "drawn": sorted(trainer.sampler.unlabeled_stream.indices.tolist()),
             "labelled": None if labels is None else [i for i, y in enumerate(labels) if y.numel()],
@@ -161,7 +161,7 @@ def test_a_short_run_goes_through_all_stages(tiny_cfg, method, monkeypatch):
     assert [h["stage"] for h in trainer.history] == ["pretrain", "stage1", "stage2", "stage2"]  # at 3, 6, 9, 10
     assert seen["pretrain"] == {"drawn": list(range(n)), "labelled": None, "uses_unlabeled": False}
     assert seen["stage2"] == {"drawn": list(range(n)), "labelled": list(range(n)), "uses_unlabeled": True}
-    assert all(y.shape == img.shape[-2:] and y.dtype == torch.uint8 for y, img in zip(pool.pseudo_labels,
+    assert all(y.shape == img.shape[-2:] and y.dtype == torch.uint8 for y, img in zip(trainer.method.pseudo_labels,
                                                                                       pool.images, strict=True))
     run = trainer.run_dir
     assert sorted(p.name for p in (run / "figures").iterdir()) == ["stage1_pseudo_labels.png",
@@ -205,7 +205,7 @@ def test_pseudo_labels_never_come_from_unlabelled_ground_truth(phantom_root: Pat
     trainer.fit()
     assert trainer.history[-1]["stage"] == "stage2"
     for name, fake in garbage.items():
-        pseudo = pool.pseudo_labels[pool.ids.index(name)]
+        pseudo = trainer.method.pseudo_labels[pool.ids.index(name)]
         assert pseudo.shape == fake.shape and (pseudo == fake).float().mean() < 0.5
 
 
@@ -270,8 +270,8 @@ def test_resume_inside_stage2_matches_the_uninterrupted_run(tiny_cfg, tmp_path: 
     assert resumed.iteration == 20 and resumed.history == full.history
     wf, wr = _weights(full), _weights(resumed)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
-    assert all(torch.equal(a, b) for a, b in zip(full.data.unlabeled.pseudo_labels,
-                                                  resumed.data.unlabeled.pseudo_labels, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(full.method.pseudo_labels,
+                                                  resumed.sampler.pseudo_labels, strict=True))
 
 
 def test_output_decoder_mean_averages_both_decoders_everywhere_the_output_is_used(tiny_cfg):
@@ -287,11 +287,11 @@ def test_output_decoder_mean_averages_both_decoders_everywhere_the_output_is_use
     torch.testing.assert_close(probs, (torch.softmax(main, 1) + torch.softmax(aux, 1)) / 2)
     # pseudo-labels are the averaged output's argmax too (labelled here by the final network)
     pool, size = trainer.data.unlabeled, tuple(trainer.cfg["patch_size"])
-    method._pseudo_label(torch.arange(len(pool)), "check", trainer)
+    method._pseudo_label(torch.arange(len(pool)), "check", method.run)
     img = pool.images[0]
     with torch.inference_mode(), trainer.autocast():
         expected = method.predict(resize_image(img[None], size).to(memory_format=torch.channels_last)).argmax(1)[0]
-    assert torch.equal(pool.pseudo_labels[0], method.label_on_item_grid(expected, img))
+    assert torch.equal(method.pseudo_labels[0], method.label_on_item_grid(expected, img))
 
 
 @pytest.mark.parametrize("method", ["dust", "self_training"])
@@ -320,9 +320,9 @@ def test_skip_empty_pseudo_labels_leaves_background_only_slices_out_of_the_stage
         real_pseudo_label(indices, stage, tr)
         for i in indices.tolist():
             if i % 2 == 0:
-                pool.pseudo_labels[i] = torch.zeros_like(pool.pseudo_labels[i])
+                trainer.method.pseudo_labels[i] = torch.zeros_like(trainer.method.pseudo_labels[i])
             else:
-                pool.pseudo_labels[i][0, 0] = 1  # at least one foreground pixel
+                trainer.method.pseudo_labels[i][0, 0] = 1  # at least one foreground pixel
 
     monkeypatch.setattr(trainer.method, "_pseudo_label", blank_even_slices)
     trainer.fit()

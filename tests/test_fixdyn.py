@@ -85,7 +85,7 @@ def test_pseudo_labels_never_come_from_labels_of_unlabelled_volumes(tiny_cfg_3d)
         pool = trainer.data.unlabeled
         if tamper:  # whatever labels the unlabelled pool might carry must not reach the loss
             pool.labels = [torch.ones(img.shape[1:], dtype=torch.uint8) for img in pool.images]
-            pool.pseudo_labels = [torch.ones(img.shape[1:], dtype=torch.uint8) for img in pool.images]
+            trainer.sampler.set_pseudo_labels([torch.ones(img.shape[1:], dtype=torch.uint8) for img in pool.images])
         trainer.fit()
         return trainer.train_log
 

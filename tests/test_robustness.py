@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from dust.cli.main import main
-from dust.data.check import check_data
+from dust.data import check_data
 from dust.data.types import DataError
 from dust.engine.checkpoint import iteration_checkpoints, load_checkpoint, load_latest
 from dust.engine.trainer import NonFiniteLossError, Trainer

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from dust.config import ConfigError, format_run_dir, resolve_data_dir
-from dust.data import load_split
-from dust.data.check import check_data, raise_if_problems
+from dust.data import check_data, load_split
+from dust.data.check import raise_if_problems
 from dust.engine import distributed
 from dust.engine.checkpoint import iteration_checkpoints, remove_trained_model_files, trained_model_files
 from dust.engine.evaluation import write_evaluation

@@ -8,7 +8,7 @@ import sys
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from dust.config import load_config
-    from dust.data.check import check_data
+    from dust.data import check_data
     from dust.methods.loading import full_config
 
     cfg = full_config(load_config(args.config, args.set))

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dust.data import la, ssl4mis, volumes
+from dust.config import resolve_data_dir
+from dust.data.check import ChannelRule
 from dust.data.prepare import check_prepared
+from dust.data.readers import DATASETS, reader_of
 from dust.data.types import DataError, ItemSet, SliceSet, Volume
 
 __all__ = ["DataError", "ItemSet", "SliceSet", "Volume", "TrainingData", "load_training_data", "load_split",
-           "write_phantom"]
+           "write_phantom", "check_data", "unlabelled_thumbnails", "ChannelRule", "DATASETS"]
 
 log = logging.getLogger("dust")
-DATASETS = ("ssl4mis_h5", "la_h5", "prepared_3d")
 
 
 @dataclass
@@ -33,19 +34,15 @@ class TrainingData:
 
 def write_phantom(cfg: dict[str, Any], root: Path) -> None:
     """The synthetic dataset of the config's reader, written into ``root`` unless it is already there."""
-    if cfg["dataset"] == "la_h5":
-        from dust.data.phantom3d import generate_la_phantom
-
-        generate_la_phantom(root, seed=int(cfg["phantom_seed"]))
-    else:
-        from dust.data.phantom import generate_phantom
-
-        generate_phantom(root, seed=int(cfg["phantom_seed"]))
+    write = reader_of(cfg).write_demo
+    if write is None:
+        raise DataError(f"generate_phantom: the {cfg['dataset']} reader has no demo data; make the dataset with "
+                        "`dust prepare` and set generate_phantom: false")
+    write(cfg, root)
 
 
 def _checked_root(cfg: dict[str, Any], root: Path) -> Path:
-    if cfg["dataset"] not in DATASETS:
-        raise DataError(f"dataset {cfg['dataset']!r} is not a known reader (known: {', '.join(DATASETS)})")
+    reader_of(cfg)  # a known reader
     if not root.is_dir():
         raise DataError(
             f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up under "
@@ -57,11 +54,7 @@ def _checked_root(cfg: dict[str, Any], root: Path) -> Path:
 def load_split(cfg: dict[str, Any], root: Path, split: str, with_labels: bool = True) -> list[Volume]:
     """Whole volumes of a split (``val``, ``test``...) at their original resolution, for evaluation."""
     _checked_root(cfg, root)
-    if cfg["dataset"] == "la_h5":
-        return la.load_volumes(cfg, root, split, with_labels)
-    if cfg["dataset"] == "prepared_3d":
-        return volumes.load_volumes(cfg, root, split, with_labels)
-    return ssl4mis.load_volumes(root, split, int(cfg["num_classes"]), with_labels)
+    return reader_of(cfg).volumes(cfg, root, split, with_labels)
 
 
 def load_training_data(cfg: dict[str, Any], root: Path) -> TrainingData:
@@ -71,12 +64,7 @@ def load_training_data(cfg: dict[str, Any], root: Path) -> TrainingData:
         write_phantom(cfg, root)
     _checked_root(cfg, root)
     check_prepared(cfg, root)
-    if cfg["dataset"] == "la_h5":
-        labeled, unlabeled = la.load_training_items(cfg, root)
-    elif cfg["dataset"] == "prepared_3d":
-        labeled, unlabeled = volumes.load_training_items(cfg, root)
-    else:
-        labeled, unlabeled = ssl4mis.load_training_slices(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]))
+    labeled, unlabeled = reader_of(cfg).training_items(cfg, root)
     val = load_split(cfg, root, cfg["val_split"])
     overlap = (set(labeled.patients) | set(unlabeled.patients)) & {v.patient for v in val}
     if overlap:
@@ -99,3 +87,27 @@ def _check_dimensions(cfg: dict[str, Any], root: Path, labeled: ItemSet) -> None
         kind = "slices (H, W)" if item_dims == 2 else "volumes (S, H, W)"
         raise DataError(f"{root}: the {cfg['dataset']} reader gives training {kind}, but patch_size "
                         f"{cfg['patch_size']} has {len(cfg['patch_size'])} numbers")
+
+
+def check_data(cfg: dict[str, Any]) -> list[str]:
+    """Problems of the configured dataset, one line each naming the file; an empty list when it is usable
+    (``dust check-data``; ``dust train`` runs it first). The checks per layout: :mod:`dust.data.check`."""
+    root = resolve_data_dir(cfg["data_dir"])
+    if cfg["dataset"] not in DATASETS:
+        return [f"dataset {cfg['dataset']!r}: no checker for this reader (known: {', '.join(DATASETS)})"]
+    if cfg["generate_phantom"]:  # as training does: the phantom is written on first use
+        write_phantom(cfg, root)
+    if not root.is_dir():
+        return [f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up "
+                "under $DUST_DATA)"]
+    try:  # the config must read the data the way dust prepare made it, as training checks
+        check_prepared(cfg, root)
+    except DataError as err:
+        return [str(err)]
+    return reader_of(cfg).problems(cfg, root)
+
+
+def unlabelled_thumbnails(cfg: dict[str, Any], root: Path, ids: list[str]) -> list[Any]:
+    """A grey-value image per unlabelled item: the slice itself, or a volume's middle axial slice. Reads just
+    these items (loading the training data would read the whole pool), and no label."""
+    return reader_of(cfg).thumbnails(cfg, root, ids)

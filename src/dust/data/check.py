@@ -19,43 +19,14 @@ ACDC (1312 slices + 20 volumes) takes a few seconds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
-from dust.config import resolve_data_dir
 from dust.data.la import case_path
-from dust.data.prepare import check_prepared
 from dust.data.ssl4mis import patients_in_order
 from dust.data.types import DataError, h5_array, missing_file, patient_of, read_list
 from dust.data.volumes import case_path as volume_path
-
-
-def check_data(cfg: dict[str, Any]) -> list[str]:
-    """Problems of the configured dataset, one line each naming the file; an empty list when it is usable."""
-    root = resolve_data_dir(cfg["data_dir"])
-    if cfg["generate_phantom"]:  # as training does: the phantom is written on first use
-        from dust.data import write_phantom
-
-        write_phantom(cfg, root)
-    if cfg["dataset"] not in ("ssl4mis_h5", "la_h5", "prepared_3d"):
-        return [f"dataset {cfg['dataset']!r}: no checker for this reader (known: ssl4mis_h5, la_h5, prepared_3d)"]
-    if not root.is_dir():
-        return [f"{root}: dataset folder not found (data_dir={cfg['data_dir']!r}; a bare name is looked up "
-                "under $DUST_DATA)"]
-    try:  # the config must read the data the way dust prepare made it, as training checks
-        check_prepared(cfg, root)
-    except DataError as err:
-        return [str(err)]
-    channels = ChannelRule(int(cfg["in_channels"]), cfg.get("modalities"))
-    if cfg["dataset"] == "la_h5":
-        return check_la(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"],
-                        int(cfg["holdout_cases"]), len(cfg["patch_size"]), channels)
-    if cfg["dataset"] == "prepared_3d":
-        return check_prepared_3d(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"],
-                                 len(cfg["patch_size"]), ChannelRule(int(cfg["in_channels"])))
-    return check_ssl4mis(root, int(cfg["labeled_patients"]), int(cfg["num_classes"]), cfg["val_split"], channels)
 
 
 class ChannelRule:

@@ -76,6 +76,7 @@ class TwoStreamSampler:
             self.unlabeled_margin = tuple(unlabeled_margin)
             self.unlabeled_patch_size = tuple(p + 2 * m for p, m in zip(self.patch_size, unlabeled_margin,
                                                                         strict=True))
+        self.pseudo_labels: list[torch.Tensor] | None = None  # of the unlabelled items: set_pseudo_labels
         self.generator = torch.Generator().manual_seed(seed)
         self.labeled_stream = _Stream(len(labeled))
         self.unlabeled_stream = _Stream(len(unlabeled) if unlabeled is not None else 0)
@@ -98,6 +99,11 @@ class TwoStreamSampler:
         self.unlabeled_stream.indices = torch.as_tensor(indices, dtype=torch.long)
         self.unlabeled_stream.perm = torch.empty(0, dtype=torch.long)
         self.unlabeled_stream.pos = 0
+
+    def set_pseudo_labels(self, labels: list[torch.Tensor] | None) -> None:
+        """Fixed pseudo-labels of the unlabelled items (each on its item's grid; a self-training method's), drawn
+        as ``y_u`` with their image and augmented together with it."""
+        self.pseudo_labels = labels
 
     def _batch(self, pool: ItemSet, idx: torch.Tensor, labels: list[torch.Tensor] | None, foreground: float = 0.0,
                margin: tuple[int, ...] | None = None):
@@ -127,7 +133,7 @@ class TwoStreamSampler:
             if self.unlabeled is None or len(self.unlabeled_stream.indices) == 0:
                 raise ValueError("this method needs unlabelled data but the unlabelled pool is empty")
             idx_u = self.unlabeled_stream.draw(self.unlabeled_batch_size, self.generator)
-            x_u, y_u = self._batch(self.unlabeled, idx_u, self.unlabeled.pseudo_labels, margin=self.unlabeled_margin)
+            x_u, y_u = self._batch(self.unlabeled, idx_u, self.pseudo_labels, margin=self.unlabeled_margin)
             batch.update(x_u=x_u, idx_u=idx_u)
             if y_u is not None:
                 batch["y_u"] = y_u  # pseudo-labels, never ground truth

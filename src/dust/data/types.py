@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,6 @@ class ItemSet:
     patients: list[str]
     images: list[Item]  # each (C, *spatial) float32
     labels: list[Item] | None = None  # each (*spatial) uint8
-    # Set by self-training methods: fixed pseudo-labels on each item's grid, augmented together with their image.
-    pseudo_labels: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -169,7 +169,8 @@ class Trainer:
         self.method.run = RunContext(
             data=self.data, run_dir=self.run_dir, checkpoint_dir=self.ckpt_dir, device=self.device,
             is_main=self.is_main, to_device=self.to_device, autocast=self.autocast,
-            use_unlabeled=self.sampler.set_unlabeled_indices, recalibration_batches=self.recalibration_batches)
+            use_unlabeled=self.sampler.set_unlabeled_indices, set_pseudo_labels=self.sampler.set_pseudo_labels,
+            recalibration_batches=self.recalibration_batches)
         self.optimizer = self._new_optimizer()
         self.spans = _stage_spans(self.method.stages())
         self.total_iterations = self.spans[-1].end

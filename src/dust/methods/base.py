@@ -41,12 +41,13 @@ class Stage:
 class RunContext:
     """What a method may use of the run it trains in (``method.run``, and the argument of the run hooks).
 
-    ``data``: the run's item sets (``data.unlabeled.images`` / ``.ids`` / ``.pseudo_labels``, on the CPU).
+    ``data``: the run's item sets (``data.unlabeled.images`` / ``.ids``, on the CPU).
     ``run_dir`` / ``checkpoint_dir``: where a method writes its own files, on the main process only
     (``is_main``; under torchrun the other ranks hold the same weights). ``to_device(x)`` puts a batch on the
     device in the configured layout; ``autocast()`` is the run's mixed-precision context.
     ``use_unlabeled(indices)`` restricts the sampler's unlabelled stream to those pool items (e.g. DUST's
-    reliable half). ``recalibration_batches()``: fresh training batches for BatchNorm recalibration, drawn from a
+    reliable half); ``set_pseudo_labels(labels)`` hands the sampler one pseudo-label per pool item (drawn as
+    ``y_u``). ``recalibration_batches()``: fresh training batches for BatchNorm recalibration, drawn from a
     sampler of their own, so training draws stay as they were.
     """
 
@@ -58,6 +59,7 @@ class RunContext:
     to_device: Callable[[torch.Tensor], torch.Tensor]
     autocast: Callable[[], AbstractContextManager]
     use_unlabeled: Callable[[Sequence[int] | torch.Tensor], None]
+    set_pseudo_labels: Callable[[list[torch.Tensor] | None], None]
     recalibration_batches: Callable[[], list[torch.Tensor]]
 
 

@@ -49,7 +49,8 @@ _OUTPUT = {
     # Which decoder's prediction is the model's output: for validation and inference, for the snapshots of Eq. 1 and
     # for the pseudo-labels. "main" (default) is the paper's transposed-conv decoder. "mean" averages the softmax of
     # both decoders: on ACDC at this budget a bilinear U-Net scored ~5 val Dice above a transposed-conv one
-    # (docs/results/analysis.md), and the average lets the better decoder count. A departure from the paper.
+    # (docs/results/analysis.md, "Supervised baseline vs the SSL4MIS anchor"), and the average lets the better
+    # decoder count. A departure from the paper.
     "output_decoder": "main",
 }
 OUTPUT_DECODERS = ("main", "mean")
@@ -149,7 +150,7 @@ class DUST(StagedSelfTraining):
             indices = self.order if self.order is not None else everything
         self._pseudo_label(indices, stage.name, run)
         if self.cfg["skip_empty_pseudo_labels"]:
-            labels = run.data.unlabeled.pseudo_labels
+            labels = self.pseudo_labels
             kept = indices[torch.tensor([bool(labels[i].any()) for i in indices.tolist()], dtype=torch.bool)]
             log.info("%s: %d of %d pseudo-labels are background only and are left out (skip_empty_pseudo_labels)",
                      stage.name, len(indices) - len(kept), len(indices))

@@ -5,7 +5,8 @@ much the snapshots disagree, re-train on labelled + the reliable part with fixed
 labelled + the whole pool (stage 2). This base class holds what they share: the stages as fractions of
 ``cfg["iterations"]``, the snapshot files, inference over the pool (the engine's one inference path: batches of
 slices at patch size in 2D, a sliding window over each volume in 3D), pseudo-labels stored on each item's own grid
-in ``ItemSet.pseudo_labels`` (the sampler augments or crops them with their image), and the state a resumed run
+in ``self.pseudo_labels``, handed to the sampler (``run.set_pseudo_labels``: it augments or crops them with their
+image), and the state a resumed run
 needs. The network, the ranking score, which items get (re)labelled and the loss stay in the method.
 """
 
@@ -35,8 +36,8 @@ SORTING_DEFAULTS = {
     # Re-estimate each snapshot's BatchNorm statistics (dust.models.batchnorm, dropout off, over
     # batchnorm_recalibration_batches labelled batches, what pre-training draws) before it ranks the pool. A
     # snapshot is saved mid-training with the statistics of training, which dropout shifts, and that changes
-    # which images it calls background-only and the ranking it gives (docs/results/analysis.md, "Table 3 with
-    # recalibration"). Not in the papers; needs batchnorm_recalibration_batches > 0.
+    # which images it calls background-only and the ranking it gives (docs/results/analysis.md, "The
+    # sample-uncertainty ranking is upside down on ACDC"). Not in the papers; needs batchnorm_recalibration_batches > 0.
     "snapshot_batchnorm_recalibration": False,
 }
 
@@ -52,6 +53,7 @@ class StagedSelfTraining(Method):
         self.uncertainty: torch.Tensor | None = None  # ranking score per unlabelled slice (pool order), low = reliable
         self.order: torch.Tensor | None = None  # pool indices, ascending uncertainty
         self.reliable: torch.Tensor | None = None  # the first reliable_fraction of order
+        self.pseudo_labels: list[torch.Tensor] | None = None  # per pool item (empty: none yet), on its own grid
 
     def build(self) -> None:
         self.networks["model"] = make_model(self.cfg, variant=self.model_variant)
@@ -138,16 +140,15 @@ class StagedSelfTraining(Method):
         the other items keep theirs (empty before the first labelling). ``each_batch(idx, x, outs, labels)``
         sees every batch (e.g. to draw examples)."""
         pool = run.data.unlabeled
-        if pool.pseudo_labels is None:
-            pool.pseudo_labels = [torch.empty(0, dtype=torch.uint8)] * len(pool)
-        labels = list(pool.pseudo_labels)
+        labels = list(self.pseudo_labels or [torch.empty(0, dtype=torch.uint8)] * len(pool))
         for idx, x, outs in self.pool_outputs([net], heads, indices.tolist(), run):
             patch_labels = logits(outs).argmax(1).cpu()
             for j, i in enumerate(idx):
                 labels[i] = self.label_on_item_grid(patch_labels[j], pool.images[i])
             if each_batch is not None:
                 each_batch(idx, x, outs, patch_labels)
-        pool.pseudo_labels = labels
+        self.pseudo_labels = labels
+        run.set_pseudo_labels(labels)
 
     @staticmethod
     def label_on_item_grid(label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -159,10 +160,11 @@ class StagedSelfTraining(Method):
     def extra_state(self) -> dict[str, Any]:
         # The sampler's own state already holds the restricted unlabelled indices.
         return {
-            "pseudo_labels": self.run.data.unlabeled.pseudo_labels,
+            "pseudo_labels": self.pseudo_labels,
             "uncertainty": self.uncertainty, "order": self.order, "reliable": self.reliable,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.run.data.unlabeled.pseudo_labels = state["pseudo_labels"]
+        self.pseudo_labels = state["pseudo_labels"]
+        self.run.set_pseudo_labels(self.pseudo_labels)
         self.uncertainty, self.order, self.reliable = state["uncertainty"], state["order"], state["reliable"]

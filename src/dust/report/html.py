@@ -12,12 +12,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from dust import __version__
 from dust.config import resolve_data_dir
-from dust.data import la, load_split, volumes
-from dust.data.ssl4mis import load_slices
+from dust.data import load_split, unlabelled_thumbnails
 from dust.data.types import DataError, Volume
 from dust.report import figures
 from dust.report.predictions import SlicePredictor, largest_slice, pick_slices
@@ -260,17 +257,6 @@ class ReportBuilder:
         title = f"same slice, every run (case {case_id}: where the runs differ most)"
         return (f"<h3>{_e(title)}</h3>"
                 + _img(figures.method_comparison(labels, predictions, int(self.runs[0].cfg["num_classes"])), title))
-
-
-def unlabelled_thumbnails(cfg: dict, root: Path, ids: list[str]) -> list[np.ndarray]:
-    """A grey-value image per unlabelled item: the slice itself, or a volume's middle axial slice. Reads just
-    these items (loading the training data would read the whole pool), and no label."""
-    if cfg["dataset"] == "la_h5":
-        images = [la.read_case(root, case_id, cfg, with_label=False)[0] for case_id in ids]
-        return [image[0, image.shape[1] // 2] for image in images]
-    if cfg["dataset"] == "prepared_3d":
-        return [volumes.middle_slice(root, case_id) for case_id in ids]
-    return [image[0].numpy() for image in load_slices(root, ids, False, int(cfg["num_classes"])).images]
 
 
 def write_report(run_dirs: Sequence[Path | str], out: Path | str, slices_per_case: int = 3) -> Path:

@@ -22,7 +22,8 @@ def sample_uncertainty(
     (summing over classes instead would only rescale by C and leave the ranking unchanged). ``region="foreground"``: the
     mean runs over the pixels that some checkpoint labels foreground (argmax != 0). Over the whole image, a
     slice with small structures (apex, base) scores low because its background agrees, so it ranks "easy"
-    while its labels are the worst of the pool (docs/results/analysis.md); a slice that no checkpoint labels
+    while its labels are the worst of the pool (docs/results/analysis.md, "The sample-uncertainty ranking is upside
+    down on ACDC"); a slice that no checkpoint labels
     foreground gives no evidence at all and scores ``inf`` (ranked last).
     """
     probs = torch.stack(list(probs_per_checkpoint)) if not torch.is_tensor(probs_per_checkpoint) \
