@@ -94,6 +94,17 @@ class TwoStreamSampler:
         """The pool indices the unlabelled stream draws from."""
         return self.unlabeled_stream.indices
 
+    @property
+    def unlabeled_walk_restarted(self) -> bool:
+        """Whether the unlabelled stream has drawn nothing since it was last (re)set (a new subset, or a reseed)."""
+        return len(self.unlabeled_stream.perm) == 0
+
+    def reseed(self, seed: int) -> None:
+        """A fresh generator and fresh walks over the same pools (each stream keeps its subset)."""
+        self.generator = torch.Generator().manual_seed(seed)
+        for stream in (self.labeled_stream, self.unlabeled_stream):
+            stream.perm, stream.pos = torch.empty(0, dtype=torch.long), 0
+
     def set_unlabeled_indices(self, indices: list[int] | torch.Tensor) -> None:
         """Restrict the unlabelled stream to a subset of the pool (e.g. DUST's reliable half)."""
         self.unlabeled_stream.indices = torch.as_tensor(indices, dtype=torch.long)

@@ -192,8 +192,8 @@ def share_stage_start(method: Method, sampler: TwoStreamSampler, ranks: Ranks) -
     correctly on several ranks.
     """
     broadcast_tensors([t for net in method.networks.values() for t in (*net.parameters(), *net.buffers())])
-    stream = sampler.unlabeled_stream
-    payload = (method.extra_state(), stream.indices, len(stream.perm) == 0) if ranks.is_main else None
+    payload = ((method.extra_state(), sampler.unlabeled_indices, sampler.unlabeled_walk_restarted) if ranks.is_main
+               else None)
     state, indices, restarted = broadcast_object(payload)
     if not ranks.is_main:
         method.load_extra_state(state)

@@ -258,11 +258,7 @@ class Trainer:
                         "uninterrupted run", max(len(saved), 1), self.ranks.world_size)
         if self.ranks.rank > 0:  # rank 0 continues as the checkpoint's rank 0; the others draw afresh
             seed = int(self.cfg["seed"]) + self.ranks.rank + 1_000_003 * self.iteration
-            self.sampler.load_state_dict({
-                "generator": torch.Generator().manual_seed(seed).get_state(),
-                "streams": [{"indices": s["indices"], "perm": torch.empty(0, dtype=torch.long), "pos": 0}
-                            for s in state["sampler"]["streams"]],
-            })
+            self.sampler.reseed(seed)  # over rank 0's subsets, loaded above
             torch.manual_seed(seed)
 
     def resume(self) -> bool:
