@@ -1,7 +1,7 @@
 """The one training loop. Methods fill in hooks; everything else happens here.
 
 Per iteration: draw batches -> ``method.train_step`` under autocast -> sum of named losses -> finite check ->
-backward -> SGD step -> ``method.after_step``. Every ``val_every`` iterations: validation Dice on whole
+backward -> optimiser step -> ``method.after_step``. Every ``val_every`` iterations: validation Dice on whole
 volumes, best/iteration checkpoints (atomic), TensorBoard scalars and a line in ``train.log``.
 Multi-stage methods describe stages as data (``Method.stages``); the loop calls ``on_stage_start`` at each
 boundary and records the stage in checkpoints so a resumed run continues inside the right stage.

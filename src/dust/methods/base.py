@@ -1,9 +1,9 @@
 """What a method is: the networks it owns, its training step, and optional hooks the engine calls.
 
-The engine (``dust.engine.Trainer``) owns everything else: data streams, optimiser, LR schedule, autocast,
-checkpoints, logging, validation. A method never writes a training loop, and never sees the trainer: what it may
-use of its run is the :class:`RunContext` the engine hands it (so ``dust.methods`` does not depend on
-``dust.engine``).
+The engine (``dust.engine.Trainer``) owns everything else: data streams, the optimiser's steps and the LR schedule
+(the optimiser itself is the config's unless a method supplies one), autocast, checkpoints, logging, validation. A
+method never writes a training loop, and never sees the trainer: what it may use of its run is the
+:class:`RunContext` the engine hands it (so ``dust.methods`` does not depend on ``dust.engine``).
 """
 
 from __future__ import annotations
