@@ -272,8 +272,8 @@ def test_dust_resumed_before_its_stage_boundaries_matches_the_uninterrupted_run(
     for a, b in zip(resumed.method.networks["model"].state_dict().values(),
                     full.method.networks["model"].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert all(torch.equal(a, b) for a, b in zip(full.data.unlabeled.pseudo_labels,
-                                                  resumed.data.unlabeled.pseudo_labels, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(full.method.pseudo_labels,
+                                                  resumed.sampler.pseudo_labels, strict=True))
     assert (resumed.run_dir / "sample_uncertainty.csv").read_text() == (
         full.run_dir / "sample_uncertainty.csv").read_text()
 
