@@ -36,15 +36,22 @@ def full_config(cfg: dict[str, Any]) -> dict[str, Any]:
 # Keys that configs written before 2026-12 lack, with the value that reproduces what those runs did (the defaults
 # changed then so that baselines train as their references do). dust writes every key into a run's config.yaml and
 # its checkpoints, so a stored config without one of these predates it: a resumed run continues as it began.
-KEYS_OF_OLDER_RUNS = {"supervised_batch": "labeled", "init": "kaiming_xavier", "cross_labeled": True,
-                      "sup_loss": "dice_ce", "framework": "as_printed"}
+ENGINE_KEYS_OF_OLDER_RUNS = {"supervised_batch": "labeled"}
+METHOD_KEYS_OF_OLDER_RUNS = {
+    "cps": {"init": "kaiming_xavier", "cross_labeled": True},
+    "fixdyn": {"init": "kaiming_xavier"},
+    "mc_net": {"sup_loss": "dice_ce"},
+    "multicure": {"framework": "as_printed"},
+}
+KEYS_OF_OLDER_RUNS = {**ENGINE_KEYS_OF_OLDER_RUNS, **{k: v for keys in METHOD_KEYS_OF_OLDER_RUNS.values()
+                                                      for k, v in keys.items()}}
 
 
 def with_keys_of_older_runs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` (a stored config) with each key of :data:`KEYS_OF_OLDER_RUNS` that it lacks and its method (or the
-    engine) reads set to the value it had before the key existed."""
-    known = set(get_method(str(cfg.get("method", "supervised"))).defaults) | {"supervised_batch"}
-    return {**{k: v for k, v in KEYS_OF_OLDER_RUNS.items() if k in known}, **cfg}
+    """``cfg`` (a stored config) with each key its run predates set to the value it had before the key existed
+    (:data:`ENGINE_KEYS_OF_OLDER_RUNS`, and :data:`METHOD_KEYS_OF_OLDER_RUNS` of its built-in method)."""
+    older = {**ENGINE_KEYS_OF_OLDER_RUNS, **METHOD_KEYS_OF_OLDER_RUNS.get(str(cfg.get("method", "supervised")), {})}
+    return {**older, **cfg}
 
 
 def stored_config(cfg: Any, source: Path, how: str = "--method {name}") -> dict[str, Any]:
