@@ -17,7 +17,7 @@ import torch
 
 from dust.engine.trainer import Trainer
 from dust.methods import available_methods
-from dust.methods.loading import full_config
+from dust.methods.loading import ENGINE_KEYS_OF_OLDER_RUNS, METHOD_KEYS_OF_OLDER_RUNS, full_config
 
 PINS = Path(__file__).with_name("pins_2d.json")
 METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus_plus", "self_training", "st_ss",
@@ -25,9 +25,7 @@ METHODS = ["supervised", "mean_teacher", "ua_mt", "urpc", "dct", "cps", "st_plus
 # Methods written after the pins (nothing to compare with); tests/test_3d_baselines.py tests what they compute.
 ADDED_AFTER_THE_PINS = ["dtc", "mc_net", "mcf", "fixdyn", "multicure"]
 # Defaults changed since the pins so that baselines train as their references do (tests/test_reference_training.py
-# tests the new defaults); these options keep what the pins measured reachable, and this test checks they do.
-BEFORE_2026_12 = {"supervised_batch": "labeled"}
-METHOD_OPTIONS_BEFORE_2026_12 = {"cps": {"init": "kaiming_xavier", "cross_labeled": True}}
+# tests the new defaults); the values a run made before them keeps (what a resumed old run gets) reproduce the pins.
 
 
 def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
@@ -37,7 +35,7 @@ def pinned_run(method: str, phantom_root: Path, run_dir: Path) -> dict:
         "channels": [4, 8, 16, 32, 64], "batch_size": 4, "unlabeled_batch_size": 4, "iterations": 10,
         "val_every": 5, "log_every": 1, "threads": 1, "bf16": False, "tensorboard": False, "progress": False,
         "run_dir": str(run_dir), "batchnorm_recalibration_batches": 2,
-        **BEFORE_2026_12, **METHOD_OPTIONS_BEFORE_2026_12.get(method, {}),
+        **ENGINE_KEYS_OF_OLDER_RUNS, **METHOD_KEYS_OF_OLDER_RUNS.get(method, {}),
     })
     trainer = Trainer(cfg)
     trainer.fit()

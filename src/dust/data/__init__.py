@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from dust.config import resolve_data_dir
-from dust.data.check import ChannelRule
 from dust.data.prepare import check_prepared
 from dust.data.readers import DATASETS, reader_of
 from dust.data.types import DataError, ItemSet, SliceSet, Volume
 
 __all__ = ["DataError", "ItemSet", "SliceSet", "Volume", "TrainingData", "load_training_data", "load_split",
-           "write_phantom", "check_data", "unlabelled_thumbnails", "ChannelRule", "DATASETS"]
+           "write_phantom", "check_data", "unlabelled_thumbnails", "DATASETS"]
 
 log = logging.getLogger("dust")
 

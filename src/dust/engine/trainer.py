@@ -79,6 +79,14 @@ def _stage_spans(stages: list[Stage]) -> list[StageSpan]:
     return spans
 
 
+def _add_to_window(window: dict[str, tuple[float, int]], values: dict[str, float]) -> None:
+    """Add one step's values to a log window of (sum, count) per name; counted per name: a term may start
+    mid-window."""
+    for name, value in values.items():
+        total, count = window.get(name, (0.0, 0))
+        window[name] = (total + value, count + 1)
+
+
 class _TqdmLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         tqdm.write(self.format(record))
@@ -363,12 +371,8 @@ class Trainer:
                 distributed.broadcast_buffers(method.networks)
             self.iteration += 1
             bar.update(1)
-            for k, v in {**losses, "loss": loss}.items():
-                total, count = window.get(k, (0.0, 0))
-                window[k] = (total + float(v.detach()), count + 1)  # counted per term: terms may start mid-window
-            for k, v in method.logged.items():
-                total, count = diagnostics.get(k, (0.0, 0))
-                diagnostics[k] = (total + v, count + 1)
+            _add_to_window(window, {k: float(v.detach()) for k, v in {**losses, "loss": loss}.items()})
+            _add_to_window(diagnostics, method.logged)
             method.logged = {}
             if self.iteration % cfg["log_every"] == 0:
                 means = {k: total / count for k, (total, count) in window.items()}

@@ -43,8 +43,6 @@ METHOD_KEYS_OF_OLDER_RUNS = {
     "mc_net": {"sup_loss": "dice_ce"},
     "multicure": {"framework": "as_printed"},
 }
-KEYS_OF_OLDER_RUNS = {**ENGINE_KEYS_OF_OLDER_RUNS, **{k: v for keys in METHOD_KEYS_OF_OLDER_RUNS.values()
-                                                      for k, v in keys.items()}}
 
 
 def with_keys_of_older_runs(cfg: dict[str, Any]) -> dict[str, Any]:
