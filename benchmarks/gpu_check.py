@@ -96,14 +96,12 @@ def time_method(name: str, args: argparse.Namespace, root: Path, data: Any, scra
     trainer = Trainer(cfg, data=data)
     device = trainer.device
     stamps: list[float] = []
-    after_step = trainer.method.after_step
 
-    def timed(iteration: int) -> None:  # the end of each iteration, the GPU's work included
-        after_step(iteration)
+    def stamp(iteration: int) -> None:  # the end of each iteration, the GPU's work included
         _sync(device)
         stamps.append(time.perf_counter())
 
-    trainer.method.after_step = timed
+    trainer.step_end_hooks.append(stamp)
     _reset_peak(device)
     _sync(device)
     stamps.append(time.perf_counter())

@@ -4,9 +4,9 @@ The CPU budget protocol's shape: 128x128 patches, labelled batch 8 (+ unlabelled
 channels_last, threads = core count, on a small synthetic phantom; bf16 autocast where the CPU computes bf16
 natively (``--precision auto``, what ``dust train`` does by default). Each method trains ``warmup + iterations``
 iterations of its last stage (for DUST and the other staged methods the short stages before it are run first and
-not timed: the semi-supervised step is what a run spends its time on); an iteration is timed from one
-``after_step`` to the next, so it includes batch sampling and augmentation, the forward/backward, the optimiser
-step, the NaN check and logging. Reported: the median (robust to a background hiccup) and the mean. Run on an
+not timed: the semi-supervised step is what a run spends its time on); an iteration is timed from one step end
+(``Trainer.step_end_hooks``) to the next, so it includes batch sampling and augmentation, the forward/backward, the
+optimiser step, the NaN check and logging. Reported: the median (robust to a background hiccup) and the mean. Run on an
 otherwise idle machine:
 
     python benchmarks/throughput.py --iterations 30 --warmup 5
@@ -48,7 +48,7 @@ TARGETS = "MT <= 0.175 s/iteration, DUST <= 1.3 x MT (2-core CPU)"
 
 def time_method(method: str, data_dir: Path, run_dir: Path, iterations: int, warmup: int, threads: int,
                 bf16: bool, profile_to: Path | None = None) -> dict:
-    timed = warmup + iterations + 1  # `iterations` intervals between the after_step calls after the warm-up
+    timed = warmup + iterations + 1  # `iterations` intervals between the step-end stamps after the warm-up
     # staged methods: 3 pre-training iterations (K = 3 snapshots), 1 of stage 1, then the timed last stage
     staged_total = timed + 4
     staged = {"pretrain_fraction": 3 / staged_total, "stage1_fraction": 1 / staged_total}
@@ -65,10 +65,8 @@ def time_method(method: str, data_dir: Path, run_dir: Path, iterations: int, war
     last_stage = trainer.spans[-1]
     stamps: list[float] = []
     profiler = cProfile.Profile() if profile_to else None
-    original = trainer.method.after_step
 
-    def stamped_after_step(iteration: int) -> None:
-        original(iteration)
+    def stamp(iteration: int) -> None:
         if iteration >= last_stage.begin:
             stamps.append(time.perf_counter())
             if profiler is not None and len(stamps) == warmup + 1:
@@ -76,7 +74,7 @@ def time_method(method: str, data_dir: Path, run_dir: Path, iterations: int, war
             if profiler is not None and len(stamps) == timed:
                 profiler.disable()  # before the final validation and checkpoint
 
-    trainer.method.after_step = stamped_after_step
+    trainer.step_end_hooks.append(stamp)
     trainer.fit()
     if profiler is not None:
         profiler.dump_stats(str(profile_to))

@@ -41,6 +41,19 @@ def test_same_config_and_seed_gives_the_same_weights(tiny_cfg, tmp_path: Path):
     assert a.history == b.history
 
 
+def test_a_timing_tool_sees_every_step_end_once_and_changes_nothing(tiny_cfg, tmp_path: Path):
+    """Benchmarks time steps through ``Trainer.step_end_hooks``, not by wrapping a method's hooks."""
+    plain = Trainer(tiny_cfg(iterations=12, val_every=6, run_dir=str(tmp_path / "plain")))
+    plain.fit()
+    timed = Trainer(tiny_cfg(iterations=12, val_every=6, run_dir=str(tmp_path / "timed")))
+    seen: list[tuple[int, bool]] = []
+    timed.step_end_hooks.append(lambda index: seen.append((index, bool(timed.optimizer.state_dict()["state"]))))
+    timed.fit()
+    assert seen == [(index, True) for index in range(12)]  # each iteration once, after its optimiser step
+    wa, wb = _weights(plain), _weights(timed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("recalibration", [0, 3])
 def test_resume_continues_from_the_saved_iteration_and_matches(tiny_cfg, tmp_path: Path, recalibration: int):
     tiny_cfg = functools.partial(tiny_cfg, batchnorm_recalibration_batches=recalibration)

@@ -1,8 +1,9 @@
 """The one training loop. Methods fill in hooks; everything else happens here.
 
 Per iteration: draw batches -> ``method.train_step`` under autocast -> sum of named losses -> finite check ->
-backward -> optimiser step -> ``method.after_step``. Every ``val_every`` iterations: validation Dice on whole
-volumes, best/iteration checkpoints (atomic), TensorBoard scalars and a line in ``train.log``.
+backward -> optimiser step -> ``method.after_step`` -> ``step_end_hooks`` (timing tools). Every ``val_every``
+iterations: validation Dice on whole volumes, best/iteration checkpoints (atomic), TensorBoard scalars and a line in
+``train.log``.
 Multi-stage methods describe stages as data (``Method.stages``); the loop calls ``on_stage_start`` at each
 boundary and records the stage in checkpoints so a resumed run continues inside the right stage.
 Started as one of several processes (torchrun, ``dust train --nproc``), it trains data-parallel through the
@@ -15,6 +16,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,9 @@ class Trainer:
         self.train_log: list[dict[str, float]] = []  # mean loss terms per log window
         self.train_seconds = 0.0
         self.writer = None
+        # timing and profiling tools: each is called with the iteration's index once its optimiser step (and, with
+        # several ranks, the buffer broadcast) is done, so a tool never has to wrap a method's hooks
+        self.step_end_hooks: list[Callable[[int], None]] = []
 
     # ------------------------------------------------------------------ helpers for methods
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,6 +374,8 @@ class Trainer:
             method.after_step(self.iteration)
             if self.ranks.enabled:
                 distributed.broadcast_buffers(method.networks)
+            for hook in self.step_end_hooks:
+                hook(self.iteration)
             self.iteration += 1
             bar.update(1)
             _add_to_window(window, {k: float(v.detach()) for k, v in {**losses, "loss": loss}.items()})

@@ -71,9 +71,8 @@ _SAMPLE_SORTING = {
     # Where Eq. 1 averages the snapshots' disagreement. "image" (default) is the paper: all pixels. "foreground":
     # the pixels some snapshot labels foreground; a slice no snapshot labels foreground ranks last. Over the whole
     # image the agreeing background dilutes the score, so slices with small structures rank easiest; on ACDC at 7
-    # patients that inverts the ranking, while the foreground mean puts it right
-    # (benchmarks/investigations/pseudo_label_quality.py; docs/results/analysis.md, "The sample-uncertainty ranking
-    # is upside down on ACDC"). A departure.
+    # patients that inverts the ranking, while the foreground mean puts it right (docs/results/analysis.md, "The
+    # sample-uncertainty ranking is upside down on ACDC"). A departure.
     "sample_uncertainty_region": "image",
 }
 _FIGURE_EXAMPLES = 4

@@ -5,7 +5,7 @@ use one network or average two; when it is low, this says which network is the w
 auxiliary network is run as in training, with the predictive network's uncertainty map. Per validation volume and
 the mean (foreground classes, whole volumes through the engine's sliding window / resize inference):
 
-    DUST_DATA=../shared/data python benchmarks/investigations/two_network_outputs.py \
+    DUST_DATA=../shared/data python benchmarks/two_network_outputs.py \
         runs/la/multicure_8p_seed1337/checkpoints/iter_0000400.pt [--out FILE.json]
 """
 
