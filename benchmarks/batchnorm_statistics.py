@@ -92,7 +92,8 @@ def main() -> None:
     data = load_training_data(cfg, resolve_data_dir(cfg["data_dir"]))
     # seed 0: not the run's own draws, the same kind of batches
     sampler = TwoStreamSampler.from_config(data.labeled, data.unlabeled, cfg, 0)
-    batches = [torch.cat([b["x_l"], b["x_u"]]) for b in (sampler.next(True) for _ in range(args.batches))]
+    drawn = [sampler.next(True) for _ in range(args.batches)]
+    batches = [torch.cat([b["labeled_image"], b["unlabeled_image"]]) for b in drawn]
     bf16 = bool(cfg["bf16"])
     modes = {
         "running_statistics": lambda: nullcontext(),

@@ -43,9 +43,10 @@ def time_method(name: str, overrides: dict, args: argparse.Namespace) -> float:
     gen = torch.Generator().manual_seed(0)
     patch = tuple(cfg["patch_size"])
     margin = method.unlabeled_crop_margin() or (0,) * len(patch)
-    batch = {"x_l": torch.randn(2, 1, *patch, generator=gen),
-             "y_l": (torch.rand(2, *patch, generator=gen) > 0.7).long(),
-             "x_u": torch.randn(2, 1, *(p + 2 * m for p, m in zip(patch, margin, strict=True)), generator=gen)}
+    batch = {"labeled_image": torch.randn(2, 1, *patch, generator=gen),
+             "label": (torch.rand(2, *patch, generator=gen) > 0.7).long(),
+             "unlabeled_image": torch.randn(2, 1, *(p + 2 * m for p, m in zip(patch, margin, strict=True)),
+                                            generator=gen)}
     for net in method.networks.values():
         net.train()
     times = []

@@ -114,10 +114,10 @@ def test_sampler_crops_3d_items_and_oversamples_foreground(tiny_cfg_3d):
     data = load_training_data(cfg, Path(cfg["data_dir"]))
     sampler = TwoStreamSampler.from_config(data.labeled, data.unlabeled, cfg, seed=0)
     batch = sampler.next(with_unlabeled=True)
-    assert batch["x_l"].shape == (2, 1, 16, 16, 16) and batch["y_l"].shape == (2, 16, 16, 16)
-    assert batch["x_u"].shape == (2, 1, 16, 16, 16)
+    assert batch["labeled_image"].shape == (2, 1, 16, 16, 16) and batch["label"].shape == (2, 16, 16, 16)
+    assert batch["unlabeled_image"].shape == (2, 1, 16, 16, 16)
     for _ in range(5):  # every labelled crop is centred on foreground, so holds some
-        assert all(int(y.sum()) > 0 for y in sampler.next(with_unlabeled=False)["y_l"])
+        assert all(int(y.sum()) > 0 for y in sampler.next(with_unlabeled=False)["label"])
 
 
 def test_resampling_round_trip_keeps_the_label_and_the_shape():

@@ -73,15 +73,16 @@ def test_sampler_yields_both_streams_and_resumes_exactly(phantom_root: Path):
     make = lambda: TwoStreamSampler(labeled, unlabeled, 3, 5, (24, 24), seed=1)  # noqa: E731
     a = make()
     batch = a.next(with_unlabeled=True)
-    assert batch["x_l"].shape == (3, 1, 24, 24) and batch["y_l"].shape == (3, 24, 24)
-    assert batch["x_u"].shape == (5, 1, 24, 24) and "y_u" not in batch
+    assert batch["labeled_image"].shape == (3, 1, 24, 24) and batch["label"].shape == (3, 24, 24)
+    assert batch["unlabeled_image"].shape == (5, 1, 24, 24) and "pseudo_label" not in batch
     state = a.state_dict()
     expected = [a.next(True) for _ in range(4)]
     b = make()
     b.load_state_dict(state)
     for want in expected:
         got = b.next(True)
-        assert torch.equal(got["x_l"], want["x_l"]) and torch.equal(got["x_u"], want["x_u"])
+        assert torch.equal(got["labeled_image"], want["labeled_image"])
+        assert torch.equal(got["unlabeled_image"], want["unlabeled_image"])
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from dust.methods.dust import DUST
 
 class ProbeDust(DUST):
     def train_step(self, batch, iteration):
-        self.drawn = getattr(self, "drawn", []) + [batch["idx_l"].tolist()]
+        self.drawn = getattr(self, "drawn", []) + [batch["labeled_index"].tolist()]
         self.completed = iteration + 1
         return super().train_step(batch, iteration)
 

@@ -299,7 +299,7 @@ def test_pseudo_label_dice_adds_a_dice_term_to_the_unlabelled_loss(tiny_cfg, met
     torch.manual_seed(0)
     x_l, x_u = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     y_l, y_u = torch.randint(0, 4, (2, 32, 32)), torch.randint(0, 4, (2, 32, 32))
-    batch = {"x_l": x_l, "y_l": y_l, "x_u": x_u, "y_u": y_u}
+    batch = {"labeled_image": x_l, "label": y_l, "unlabeled_image": x_u, "pseudo_label": y_u}
     losses = {}
     for dice in (False, True):
         m = get_method(method)(tiny_cfg(method=method, pseudo_label_dice=dice))

@@ -209,8 +209,8 @@ def test_a_users_own_method_plugs_in_without_editing_dust(tiny_cfg, tmp_path: Pa
                 self.networks["model"] = make_model(self.cfg)
 
             def train_step(self, batch, iteration):
-                logits = self.networks["model"](batch["x_l"])
-                return {"ce": self.cfg["ce_weight"] * F.cross_entropy(logits.float(), batch["y_l"])}
+                logits = self.networks["model"](batch["labeled_image"])
+                return {"ce": self.cfg["ce_weight"] * F.cross_entropy(logits.float(), batch["label"])}
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tiny_cfg(method="my_lab_method:PlainCE", ce_weight=0.5)

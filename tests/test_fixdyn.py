@@ -126,7 +126,7 @@ def test_the_centre_of_a_widened_unlabelled_crop_is_the_crop_a_plain_sampler_dra
     wide = TwoStreamSampler(data.labeled, data.unlabeled, 2, 3, patch, seed=7, spatial_policy="crop",
                             unlabeled_margin=(0, 3, 5))
     for _ in range(4):
-        a, b = plain.next(True)["x_u"], wide.next(True)["x_u"]
+        a, b = plain.next(True)["unlabeled_image"], wide.next(True)["unlabeled_image"]
         assert b.shape[2:] == (16, 22, 26)
         assert torch.equal(shifted_window(b, (0, 3, 5), (0, 0, 0), patch), a)  # same place, same augmentation
 

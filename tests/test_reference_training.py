@@ -31,7 +31,7 @@ def _method(**overrides):
 
 def _batch() -> dict[str, torch.Tensor]:
     x = torch.randn(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
-    return {"x_l": x[:2], "y_l": (x[:2, 0] > 0.5).long(), "x_u": x[2:]}
+    return {"labeled_image": x[:2], "label": (x[:2, 0] > 0.5).long(), "unlabeled_image": x[2:]}
 
 
 def _losses(**overrides) -> dict[str, float]:
@@ -57,7 +57,7 @@ def test_a_step_without_unlabelled_data_draws_as_many_labelled_crops_as_a_semi_s
         trainer = Trainer(tiny_cfg(method=method, supervised_batch=setting, **extra))
         first = trainer.spans[0].stage
         drawn = trainer.sampler.next(first.uses_unlabeled, trainer.labeled_batch_size(first))
-        assert len(drawn["x_l"]) == expected and "x_u" not in drawn
+        assert len(drawn["labeled_image"]) == expected and "unlabeled_image" not in drawn
     if method == "dust":  # the students' stages draw the configured labelled half of the batch
         later = trainer.spans[1].stage
         assert later.uses_unlabeled and trainer.labeled_batch_size(later) == 4
@@ -82,7 +82,7 @@ def test_cps_cross_supervises_the_unlabelled_crops_only_unless_configured():
         for net in method.networks.values():
             net.eval()  # running statistics: the unlabelled outputs do not depend on the labelled crops
         batch = _batch()
-        changed = dict(batch, x_l=batch["x_l"] + 1.0)
+        changed = dict(batch, labeled_image=batch["labeled_image"] + 1.0)
         same = torch.isclose(method.train_step(batch, 30)["cps"], method.train_step(changed, 30)["cps"])
         assert bool(same) != cross_labeled
 
@@ -132,8 +132,8 @@ def test_mc_nets_default_supervised_term_is_its_codes_foreground_dice():
     torch.manual_seed(2)
     losses = method.train_step(_batch(), 30)
     torch.manual_seed(2)
-    outputs = method.networks["model"](torch.cat([_batch()["x_l"], _batch()["x_u"]]))
-    y = _batch()["y_l"]
+    outputs = method.networks["model"](torch.cat([_batch()["labeled_image"], _batch()["unlabeled_image"]]))
+    y = _batch()["label"]
     expected = 0.5 * sum(dice_loss(o.float()[:2], y, include_background=False, squared=False) for o in outputs)
     torch.testing.assert_close(losses["sup"], expected)
 

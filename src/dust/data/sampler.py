@@ -42,7 +42,9 @@ class _Stream:
 
 
 class TwoStreamSampler:
-    """Draws augmented batches ``{"x_l", "y_l", "x_u", "y_u"?, "idx_u"}`` from in-memory items (slices or volumes)."""
+    """Draws augmented batches from in-memory items (slices or volumes): ``labeled_image``, ``label``,
+    ``labeled_index``, and with unlabelled data ``unlabeled_image``, ``unlabeled_index`` and, once a method has set
+    them, ``pseudo_label``."""
 
     def __init__(
         self,
@@ -113,7 +115,7 @@ class TwoStreamSampler:
 
     def set_pseudo_labels(self, labels: list[torch.Tensor] | None) -> None:
         """Fixed pseudo-labels of the unlabelled items (each on its item's grid; a self-training method's), drawn
-        as ``y_u`` with their image and augmented together with it."""
+        as ``pseudo_label`` with their image and augmented together with it."""
         self.pseudo_labels = labels
 
     def _batch(self, pool: ItemSet, idx: torch.Tensor, labels: list[torch.Tensor] | None, foreground: float = 0.0,
@@ -139,15 +141,15 @@ class TwoStreamSampler:
         count = self.batch_size if labeled_batch_size is None else labeled_batch_size
         idx_l = self.labeled_stream.draw(count, self.generator)
         x_l, y_l = self._batch(self.labeled, idx_l, self.labeled.labels, self.foreground_oversample)
-        batch = {"x_l": x_l, "y_l": y_l, "idx_l": idx_l}
+        batch = {"labeled_image": x_l, "label": y_l, "labeled_index": idx_l}
         if with_unlabeled:
             if self.unlabeled is None or len(self.unlabeled_stream.indices) == 0:
                 raise ValueError("this method needs unlabelled data but the unlabelled pool is empty")
             idx_u = self.unlabeled_stream.draw(self.unlabeled_batch_size, self.generator)
             x_u, y_u = self._batch(self.unlabeled, idx_u, self.pseudo_labels, margin=self.unlabeled_margin)
-            batch.update(x_u=x_u, idx_u=idx_u)
+            batch.update(unlabeled_image=x_u, unlabeled_index=idx_u)
             if y_u is not None:
-                batch["y_u"] = y_u  # pseudo-labels, never ground truth
+                batch["pseudo_label"] = y_u  # pseudo-labels, never ground truth
         return batch
 
     def state_dict(self) -> dict[str, Any]:

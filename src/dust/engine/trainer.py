@@ -421,7 +421,9 @@ class Trainer:
         batches = []
         for _ in range(int(self.cfg["batchnorm_recalibration_batches"])):
             drawn = source.next(with_unlabeled, self.labeled_batch_size(stage))
-            x = torch.cat([drawn["x_l"], drawn["x_u"]]) if with_unlabeled else drawn["x_l"]
+            x = drawn["labeled_image"]
+            if with_unlabeled:
+                x = torch.cat([x, drawn["unlabeled_image"]])
             batches.append(self.to_device(x))
         return batches
 

@@ -27,8 +27,9 @@ class Stage:
 
     ``iterations``: length of the stage; ``restart_schedule``: fresh optimiser state and poly LR from the
     base LR at the stage start (what self-training papers do when they re-train a student); ``uses_unlabeled``:
-    whether the stage's batches hold unlabelled items (``x_u``, and ``y_u`` once the method has handed the sampler
-    pseudo-labels); a stage without them draws labelled items only (config ``supervised_batch`` says how many).
+    whether the stage's batches hold unlabelled items (``unlabeled_image``, and ``pseudo_label`` once the method has
+    handed the sampler pseudo-labels); a stage without them draws labelled items only (config ``supervised_batch``
+    says how many).
     """
 
     name: str
@@ -47,7 +48,7 @@ class RunContext:
     device in the configured layout; ``autocast()`` is the run's mixed-precision context.
     ``use_unlabeled(indices)`` restricts the sampler's unlabelled stream to those pool items (e.g. DUST's
     reliable half); ``set_pseudo_labels(labels)`` hands the sampler one pseudo-label per pool item (drawn as
-    ``y_u``). ``recalibration_batches()``: fresh training batches for BatchNorm recalibration, drawn from a
+    ``pseudo_label``). ``recalibration_batches()``: fresh training batches for BatchNorm recalibration, drawn from a
     sampler of their own, so training draws stay as they were.
     """
 
@@ -69,7 +70,7 @@ class Method:
 
     name: str = "method"
     defaults: dict[str, Any] = {}  # config keys this method reads, with defaults
-    uses_unlabeled: bool = False  # does train_step want batch["x_u"]? (the default single stage's setting)
+    uses_unlabeled: bool = False  # does train_step want batch["unlabeled_image"]? (the default single stage's setting)
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg

@@ -35,10 +35,10 @@ class CrossPseudoSupervision(Method):
         self.networks["model"], self.networks["model2"] = make_network_pair(self.cfg)
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n, x = len(batch["x_l"]), torch.cat([batch["x_l"], batch["x_u"]])
+        n, x = len(batch["labeled_image"]), torch.cat([batch["labeled_image"], batch["unlabeled_image"]])
         out1, out2 = self.networks["model"](x).float(), self.networks["model2"](x).float()
         pseudo1, pseudo2 = out1.detach().argmax(1), out2.detach().argmax(1)
-        sup = supervised_loss(out1[:n], batch["y_l"]) + supervised_loss(out2[:n], batch["y_l"])
+        sup = supervised_loss(out1[:n], batch["label"]) + supervised_loss(out2[:n], batch["label"])
         parts = (slice(0, n), slice(n, None)) if self.cfg["cross_labeled"] else (slice(n, None),)
         cps = sum(  # each part averaged over its own pixels
             F.cross_entropy(out1[part], pseudo2[part]) + F.cross_entropy(out2[part], pseudo1[part]) for part in parts

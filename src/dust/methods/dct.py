@@ -61,9 +61,9 @@ class DeepCoTraining(Method):
         self.networks["model2"] = make_model(self.cfg)
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n, nets = len(batch["x_l"]), (self.networks["model"], self.networks["model2"])
-        logits = [net(torch.cat([batch["x_l"], batch["x_u"]])).float() for net in nets]
-        sup = sum(supervised_loss(z[:n], batch["y_l"]) for z in logits)
+        n, nets = len(batch["labeled_image"]), (self.networks["model"], self.networks["model2"])
+        logits = [net(torch.cat([batch["labeled_image"], batch["unlabeled_image"]])).float() for net in nets]
+        sup = sum(supervised_loss(z[:n], batch["label"]) for z in logits)
         cot = jensen_shannon(logits[0][n:], logits[1][n:])
         view = sum(self.view_difference(nets[s], nets[1 - s], logits[s], batch) for s in (0, 1)) / 2
         r = ramp(self.cfg, iteration)
@@ -73,11 +73,11 @@ class DeepCoTraining(Method):
         self, source: nn.Module, other: nn.Module, source_logits: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """KL(source(x) || other(x_adv)) per pixel, mean; x_adv: FGSM against ``source``, labelled or not (p = 0.5)."""
-        n = len(batch["x_l"])
+        n = len(batch["labeled_image"])
         if torch.rand(()) < 0.5:
-            x, target, reference = batch["x_l"], batch["y_l"].long(), source_logits[:n]
+            x, target, reference = batch["labeled_image"], batch["label"].long(), source_logits[:n]
         else:
-            x, reference = batch["x_u"], source_logits[n:]
+            x, reference = batch["unlabeled_image"], source_logits[n:]
             target = reference.detach().argmax(1)
         x_adv = fgsm(source, x, target, float(self.cfg["adversarial_eps"]))
         log_ref, log_adv = F.log_softmax(reference, 1), F.log_softmax(other(x_adv).float(), 1)

@@ -40,13 +40,13 @@ class DualTaskConsistency(Method):
         self.networks["model"] = make_model(self.cfg, variant="sdf")
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n = len(batch["x_l"])
-        logits, level_set = self.networks["model"](torch.cat([batch["x_l"], batch["x_u"]]))
+        n = len(batch["labeled_image"])
+        logits, level_set = self.networks["model"](torch.cat([batch["labeled_image"], batch["unlabeled_image"]]))
         level_set = level_set.float()
-        target_sdf = signed_distance_map(batch["y_l"], int(self.cfg["num_classes"]))
+        target_sdf = signed_distance_map(batch["label"], int(self.cfg["num_classes"]))
         foreground = torch.softmax(logits.float(), 1)[:, 1:]
         dual_task = (level_set_to_probability(level_set, self.cfg["level_set_k"]) - foreground).pow(2).mean()
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
-        return {"sup": supervised_loss(logits[:n], batch["y_l"]),
+        return {"sup": supervised_loss(logits[:n], batch["label"]),
                 "sdf": self.cfg["sdf_weight"] * F.mse_loss(level_set[:n], target_sdf),
                 "cons": weight * dual_task}

@@ -97,17 +97,17 @@ class DUST(StagedSelfTraining):
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        net, y_l = self.networks["model"], batch["y_l"]
-        if "x_u" not in batch:  # the labelled-only pre-training stage
-            main, aux = net(batch["x_l"])
+        net, y_l = self.networks["model"], batch["label"]
+        if "unlabeled_image" not in batch:  # the labelled-only pre-training stage
+            main, aux = net(batch["labeled_image"])
             return {"sup": supervised_loss(main, y_l) + supervised_loss(aux, y_l)}
-        if "y_u" not in batch:
+        if "pseudo_label" not in batch:
             raise RuntimeError("self-training stage without pseudo-labels on the unlabelled pool")
         n = len(y_l)
         # one forward for both streams (as SSL4MIS does): BN statistics see both, and it is cheaper on a CPU
-        main, aux = net(torch.cat([batch["x_l"], batch["x_u"]]))
+        main, aux = net(torch.cat([batch["labeled_image"], batch["unlabeled_image"]]))
         sup = supervised_loss(main[:n], y_l) + supervised_loss(aux[:n], y_l)
-        main_u, aux_u, y_u = main[n:], aux[n:], batch["y_u"]
+        main_u, aux_u, y_u = main[n:], aux[n:], batch["pseudo_label"]
         if self.unrc:
             unsup, dkl = uncertainty_rectified_loss(main_u, aux_u, y_u, self.cfg["detach_uncertainty_weight"])
         else:

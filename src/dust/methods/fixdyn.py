@@ -123,7 +123,8 @@ class FixedDynamicCoTraining(Method):
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         sn1, sn2 = self.networks["model"], self.networks["model2"]
-        x_l, y_l, context = batch["x_l"], batch["y_l"], batch["x_u"]  # never y_u: no labels of unlabelled crops
+        # never pseudo_label: the sampler holds no labels of unlabelled crops for this method
+        x_l, y_l, context = batch["labeled_image"], batch["label"], batch["unlabeled_image"]
         patch, margin = tuple(x_l.shape[2:]), self.unlabeled_crop_margin()
         x_f = shifted_window(context, margin, (0,) * len(patch), patch)
         box = cutmix_box(patch, self.cfg["cutmix_fraction"], device=x_f.device) if self.cfg["cutmix"] else None

@@ -53,11 +53,12 @@ class MutualConsistency(Method):
         self.networks["model"] = make_model(self.cfg, variant="dual")
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n = len(batch["x_l"])
-        outputs = [out.float() for out in self.networks["model"](torch.cat([batch["x_l"], batch["x_u"]]))]
+        n = len(batch["labeled_image"])
+        x = torch.cat([batch["labeled_image"], batch["unlabeled_image"]])
+        outputs = [out.float() for out in self.networks["model"](x)]
         probs = [torch.softmax(out, 1) for out in outputs]
         targets = [sharpen(p.detach(), self.cfg["temperature"]) for p in probs]
         mutual = (probs[0] - targets[1]).pow(2).mean() + (probs[1] - targets[0]).pow(2).mean()
-        sup = sum(SUPERVISED_LOSSES[self.cfg["sup_loss"]](out[:n], batch["y_l"]) for out in outputs)
+        sup = sum(SUPERVISED_LOSSES[self.cfg["sup_loss"]](out[:n], batch["label"]) for out in outputs)
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
         return {"sup": self.cfg["sup_weight"] * sup, "cons": weight * mutual}

@@ -46,9 +46,9 @@ class MutualCorrection(Method):
         self.networks["model2"] = make_model(self.cfg, model=self.cfg["second_model"])
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        x = torch.cat([batch["x_l"], batch["x_u"]])
+        x = torch.cat([batch["labeled_image"], batch["unlabeled_image"]])
         logits = (self.networks["model"](x).float(), self.networks["model2"](x).float())
-        losses, student = mutual_correction(logits, batch["y_l"], self.cfg, iteration,
+        losses, student = mutual_correction(logits, batch["label"], self.cfg, iteration,
                                             float(self.cfg["temperature"]))
         self.log({"mcf/teacher_is_model2": float(student == 0)})
         return losses

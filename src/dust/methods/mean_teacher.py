@@ -36,17 +36,17 @@ class MeanTeacher(Method):
 
     def student_and_teacher(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Student logits on labelled + unlabelled slices, teacher logits on the noisy unlabelled slices."""
-        logits = self.networks["model"](torch.cat([batch["x_l"], batch["x_u"]]))
+        logits = self.networks["model"](torch.cat([batch["labeled_image"], batch["unlabeled_image"]]))
         with torch.no_grad():
-            teacher_u = self.networks["teacher"](input_noise(batch["x_u"]))
+            teacher_u = self.networks["teacher"](input_noise(batch["unlabeled_image"]))
         return logits, teacher_u
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n = len(batch["x_l"])
+        n = len(batch["labeled_image"])
         logits, teacher_u = self.student_and_teacher(batch)
         diff = torch.softmax(logits[n:].float(), 1) - torch.softmax(teacher_u.float(), 1)
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
-        return {"sup": supervised_loss(logits[:n], batch["y_l"]), "cons": weight * diff.pow(2).mean()}
+        return {"sup": supervised_loss(logits[:n], batch["label"]), "cons": weight * diff.pow(2).mean()}
 
     def after_step(self, iteration: int) -> None:
         ema_update(self.networks["teacher"], self.networks["model"], self.cfg["ema_decay"], iteration)

@@ -104,8 +104,8 @@ class MultiCURENetworks(Method):
         return net.refined(x, uncertain, levels)
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n, y_l = len(batch["x_l"]), batch["y_l"]
-        x = torch.cat([batch["x_l"], batch["x_u"]])
+        n, y_l = len(batch["labeled_image"]), batch["label"]
+        x = torch.cat([batch["labeled_image"], batch["unlabeled_image"]])
         logits_p = self.networks["model"](x).float()
         probs_p = torch.softmax(logits_p, 1)
         threshold = float(self.cfg["confidence_threshold"])

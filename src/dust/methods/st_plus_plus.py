@@ -63,13 +63,13 @@ class STPlusPlus(StagedSelfTraining):
     defaults = {**SCHEDULE_DEFAULTS, **SORTING_DEFAULTS, "reinitialize_student": True}
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        net, n = self.networks["model"], len(batch["x_l"])
-        if "x_u" not in batch:  # the labelled-only pre-training stage
-            return {"sup": supervised_loss(net(batch["x_l"]), batch["y_l"])}
-        x_u, y_u = strong_augment(batch["x_u"], batch["y_u"])
-        logits = net(torch.cat([batch["x_l"], self.run.to_device(x_u)]))
+        net, n = self.networks["model"], len(batch["labeled_image"])
+        if "unlabeled_image" not in batch:  # the labelled-only pre-training stage
+            return {"sup": supervised_loss(net(batch["labeled_image"]), batch["label"])}
+        x_u, y_u = strong_augment(batch["unlabeled_image"], batch["pseudo_label"])
+        logits = net(torch.cat([batch["labeled_image"], self.run.to_device(x_u)]))
         unsup = F.cross_entropy(logits[n:].float(), y_u, ignore_index=IGNORE_INDEX)
-        return {"sup": supervised_loss(logits[:n], batch["y_l"]), "unsup": unsup}
+        return {"sup": supervised_loss(logits[:n], batch["label"]), "unsup": unsup}
 
     def on_stage_start(self, stage: Stage, run: RunContext) -> None:
         if stage.name == "pretrain":

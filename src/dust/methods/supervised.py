@@ -16,7 +16,7 @@ class Supervised(Method):
         self.networks["model"] = make_model(self.cfg)
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        logits = self.networks["model"](batch["x_l"])
+        logits = self.networks["model"](batch["labeled_image"])
         if isinstance(logits, tuple):  # a dual-decoder model: supervise both decoders
-            return {"sup": sum(supervised_loss(out, batch["y_l"]) for out in logits)}
-        return {"sup": supervised_loss(logits, batch["y_l"])}
+            return {"sup": sum(supervised_loss(out, batch["label"]) for out in logits)}
+        return {"sup": supervised_loss(logits, batch["label"])}

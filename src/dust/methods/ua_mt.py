@@ -40,13 +40,13 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         return predictive_entropy(mean_probs.clamp_min(1e-12).log())
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n, num_classes = len(batch["x_l"]), int(self.cfg["num_classes"])
+        n, num_classes = len(batch["labeled_image"]), int(self.cfg["num_classes"])
         logits, teacher_u = self.student_and_teacher(batch)
-        uncertainty = self.teacher_uncertainty(batch["x_u"])
+        uncertainty = self.teacher_uncertainty(batch["unlabeled_image"])
         threshold = (0.75 + 0.25 * ramp(self.cfg, iteration)) * math.log(num_classes)
         certain = (uncertainty < threshold).unsqueeze(1).float()
         sq = (torch.softmax(logits[n:].float(), 1) - torch.softmax(teacher_u.float(), 1)).pow(2)
         cons = (certain * sq).sum() / (num_classes * certain.sum() + 1e-16)
         self.log({"uncertainty/certain_share": certain.mean()})
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
-        return {"sup": supervised_loss(logits[:n], batch["y_l"]), "cons": weight * cons}
+        return {"sup": supervised_loss(logits[:n], batch["label"]), "cons": weight * cons}

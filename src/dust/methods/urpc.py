@@ -46,8 +46,8 @@ class URPC(Method):
         self.networks["model"] = make_model(self.cfg, variant="ds")  # the configured family's deep-supervision net
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        n = len(batch["x_l"])
-        heads = self.networks["model"](torch.cat([batch["x_l"], batch["x_u"]]))
-        sup = torch.stack([supervised_loss(z[:n], batch["y_l"]) for z in heads]).mean()
+        n = len(batch["labeled_image"])
+        heads = self.networks["model"](torch.cat([batch["labeled_image"], batch["unlabeled_image"]]))
+        sup = torch.stack([supervised_loss(z[:n], batch["label"]) for z in heads]).mean()
         weight = self.cfg["consistency_weight"] * ramp(self.cfg, iteration)
         return {"sup": sup, "cons": weight * rectified_pyramid_consistency([z[n:] for z in heads])}
