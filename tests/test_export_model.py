@@ -31,8 +31,8 @@ def _plain_torch_2d(model: torch.jit.ScriptModule, spec: dict, volume: np.ndarra
 
 def test_an_exported_2d_model_reproduces_dust_predict_with_plain_torch(tmp_path: Path, tiny_cfg, phantom_root: Path,
                                                                         capsys):
-    from dust.engine.predict import load_for_inference
     from dust.inference import Predictor
+    from dust.predict import load_for_inference
 
     cfg = tiny_cfg(method="dust", iterations=9, val_every=9, bf16=False, patch_size=[32, 32])
     Trainer(cfg).fit()
@@ -66,8 +66,8 @@ def test_an_exported_3d_two_network_model_reproduces_the_sliding_window_and_onnx
     from monai.inferers import sliding_window_inference
 
     from dust.data.la import read_case
-    from dust.engine.predict import load_for_inference
     from dust.inference import Predictor
+    from dust.predict import load_for_inference
 
     cfg = tiny_cfg_3d(method="mcf", bf16=False, iterations=2)  # MCF predicts with the mean of its two networks
     Trainer(cfg).fit()

@@ -71,8 +71,8 @@ def test_dust_has_no_import_cycle():
 LAYERS = {
     "dust": 0, "storage": 1, "config": 2, "data": 3,
     "models": 4, "losses": 4, "metrics": 4, "uncertainty": 4, "optim": 4,
-    "inference": 5, "methods": 6, "engine": 7, "report": 8, "results": 9, "workflows": 10, "benchmark": 11,
-    "cli": 12, "__main__": 13,
+    "inference": 5, "methods": 6, "engine": 7, "predict": 7, "report": 8, "results": 9, "workflows": 10,
+    "benchmark": 11, "cli": 12, "__main__": 13,
 }
 
 

@@ -93,8 +93,8 @@ def test_export_names_la_cases_by_id_in_the_h5_axis_order_and_predict_agrees(tmp
     # `dust predict` of an LA h5 gives what evaluation scores (dust.data.la's reading), on the h5's (X, Y, Z) grid
     from dust.data.la import read_case
     from dust.data.nifti import from_stored
-    from dust.engine.predict import load_for_inference
     from dust.inference import Predictor
+    from dust.predict import load_for_inference
 
     cfg = tiny_cfg_3d()
     Trainer(cfg).fit()

@@ -20,7 +20,7 @@ from dust.data import check_data, load_split
 from dust.data.check import raise_if_problems
 from dust.engine import distributed
 from dust.engine.checkpoint import iteration_checkpoints, remove_trained_model_files, trained_model_files
-from dust.engine.evaluation import write_evaluation
+from dust.engine.evaluation import evaluate_volumes, write_evaluation
 from dust.engine.trainer import Trainer, close_run_log
 from dust.methods.loading import pick_device
 from dust.metrics import case_metrics, summarize
@@ -124,8 +124,7 @@ def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str, overwri
             if tag == "best":
                 best = trainer.ckpt_dir / "best.pt"
                 load_network_weights(trainer.method.networks, load_checkpoint(best), best)
-            per_case, summary = distributed.evaluate_volumes_sharded(trainer.method, trainer.data.val, cfg,
-                                                                     trainer.device)
+            per_case, summary = evaluate_volumes(trainer.method, trainer.data.val, cfg, trainer.device)
             if trainer.is_main:
                 write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
             records.append(make_record(cfg, summary, tag, trainer.train_seconds, command))

@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     trust_named_methods(args)
     if args.pred or args.ref:  # folders of NIfTIs, as nnU-Net's evaluate-folder
-        from dust.engine.predict import evaluate_folders
+        from dust.predict import evaluate_folders
 
         if not (args.pred and args.ref) or args.checkpoint:
             raise ConfigError("dust evaluate: give --pred DIR and --ref DIR together, without --checkpoint")

@@ -9,7 +9,7 @@ from dust.cli.options import add_method_option, trust_named_methods
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dust.engine.predict import predict_cases
+    from dust.predict import predict_cases
 
     trust_named_methods(args)
     out = Path(args.output)

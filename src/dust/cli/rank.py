@@ -9,7 +9,7 @@ from dust.cli.options import add_method_option, trust_named_methods
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from dust.engine.predict import rank_cases
+    from dust.predict import rank_cases
 
     trust_named_methods(args)
     out = Path(args.out)

@@ -15,7 +15,7 @@ A job of N processes ("ranks") is started by ``torchrun --nproc_per_node=N -m du
   to the other ranks the way a resumed run receives it: networks, ``Method.extra_state()`` and the sampler's
   unlabelled subset (:func:`share_stage_start`);
 - validates on a shard of the volumes per rank and gathers the per-case results, so every rank has the same
-  metrics (:func:`evaluate_volumes_sharded`);
+  metrics (``dust.engine.evaluation.evaluate_volumes``);
 - writes files (checkpoints, logs, TensorBoard, metrics, results) on rank 0 only. Checkpoints hold every
   rank's sampler and RNG state, so a resumed job with the same N draws the batches it would have drawn.
 
@@ -40,7 +40,6 @@ from dust.config import ConfigError
 
 if TYPE_CHECKING:
     from dust.data.sampler import TwoStreamSampler
-    from dust.data.types import Volume
     from dust.methods import Method
 
 log = logging.getLogger("dust")
@@ -199,23 +198,6 @@ def share_stage_start(method: Method, sampler: TwoStreamSampler, ranks: Ranks) -
         method.load_extra_state(state)
         if restarted:  # rank 0's stream was (re)set to a new subset: start this rank's walk over it too
             sampler.set_unlabeled_indices(indices)
-
-
-def evaluate_volumes_sharded(
-    method: Method, volumes: list[Volume], cfg: dict[str, Any], device: torch.device, distances: bool = True
-) -> tuple[list[dict], dict]:
-    """``evaluate_volumes`` with rank r scoring volumes r, r+N, ...; every rank returns all cases, in order."""
-    from dust.engine.evaluation import evaluate_volumes
-    from dust.metrics import summarize
-
-    if not dist.is_initialized():
-        return evaluate_volumes(method, volumes, cfg, device, distances=distances)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = volumes[rank::world]
-    per_case_mine = evaluate_volumes(method, mine, cfg, device, distances=distances)[0] if mine else []
-    shards = all_gather_objects(per_case_mine)
-    per_case = [shards[i % world][i // world] for i in range(len(volumes))]
-    return per_case, summarize(per_case, cfg["empty_mask_policy"])
 
 
 # ---------------------------------------------------------------------------------------------- launching

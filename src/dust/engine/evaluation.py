@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dust.config import resolve_data_dir
 from dust.data import load_split, write_phantom
 from dust.data.types import Volume
+from dust.engine import distributed
 from dust.inference import Predictor
 from dust.methods.loading import full_config, load_trained, pick_device
 from dust.metrics import case_metrics, summarize, write_case_csv
@@ -26,8 +28,22 @@ def evaluate_volumes(
 ) -> tuple[list[dict], dict]:
     """Predict every volume with ``method.predict`` and score it against its label.
 
-    ``distances=False`` skips HD95/ASD (the fast check used during training).
+    ``distances=False`` skips HD95/ASD (the fast check used during training). Started as one of several processes
+    (``dust.engine.distributed``), rank r scores volumes r, r+N, ... and every rank returns all cases, in order.
     """
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = volumes[rank::world]
+        per_case_mine = _score_volumes(method, mine, cfg, device, distances) if mine else []
+        shards = distributed.all_gather_objects(per_case_mine)
+        per_case = [shards[i % world][i // world] for i in range(len(volumes))]
+    else:
+        per_case = _score_volumes(method, volumes, cfg, device, distances)
+    return per_case, summarize(per_case, cfg["empty_mask_policy"])
+
+
+def _score_volumes(method: Any, volumes: list[Volume], cfg: dict[str, Any], device: torch.device,
+                   distances: bool) -> list[dict]:
     class_names = {i: n for i, n in enumerate(cfg["class_names"]) if i > 0}
     for net in method.networks.values():
         net.eval()
@@ -41,7 +57,7 @@ def evaluate_volumes(
         pred = predictor.segment(method, vol.image, spacing=vol.spacing).label.numpy().astype(np.uint8)
         per_case.append(case_metrics(pred, label, class_names, vol.spacing, distances=distances,
                                      empty_mask_policy=cfg["empty_mask_policy"]))
-    return per_case, summarize(per_case, cfg["empty_mask_policy"])
+    return per_case
 
 
 def dice_percent(summary: dict, digits: int = 2) -> dict:

@@ -32,6 +32,7 @@ from dust.data.sampler import TwoStreamSampler
 from dust.engine import distributed
 from dust.engine.checkpoint import iteration_checkpoints, load_latest, save_iteration_checkpoint
 from dust.engine.errors import NonFiniteLossError
+from dust.engine.evaluation import evaluate_volumes
 from dust.engine.run_lock import lock_run_directory
 from dust.methods import RunContext, Stage
 from dust.methods.loading import build_method, pick_device
@@ -313,8 +314,7 @@ class Trainer:
 
     def validate(self) -> float:
         # several ranks: each scores a share of the volumes; a single process scores them all
-        _, summary = distributed.evaluate_volumes_sharded(self.method, self.data.val, self.cfg, self.device,
-                                                          distances=False)
+        _, summary = evaluate_volumes(self.method, self.data.val, self.cfg, self.device, distances=False)
         return float(summary["overall"]["dice"]["mean"])
 
     def fit(self) -> dict[str, Any]:
