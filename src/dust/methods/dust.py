@@ -186,17 +186,21 @@ class DUST(StagedSelfTraining):
         )
 
     def _pseudo_label(self, indices: torch.Tensor, stage: str, run: RunContext) -> None:
-        """Argmax of the output (``output_decoder``) on the model's grid, resized (nearest) to each item's; a figure
-        (for volumes: the slice of each example with the most pseudo-labelled foreground)."""
+        """Argmax of the output (``output_decoder``) on the model's grid, resized (nearest) to each item's grid."""
+        net = self.networks["model"]
+        self.pseudo_label(net, self._heads([net]), lambda outs: self._output(*outs), indices, run)
+        log.info("%s: pseudo-labels for %d of %d unlabelled items", stage, len(indices), len(run.data.unlabeled))
+        self._draw_pseudo_label_examples(indices, stage, run)
+
+    def _draw_pseudo_label_examples(self, indices: torch.Tensor, stage: str, run: RunContext) -> None:
+        """A figure of a few pseudo-labelled items, evenly spaced over ``indices``, with the decoders' KL and the
+        entropy beside each (for a volume: its slice with the most pseudo-labelled foreground)."""
         pool, net = run.data.unlabeled, self.networks["model"]
         picks = indices[torch.linspace(0, len(indices) - 1, min(_FIGURE_EXAMPLES, len(indices))).long()].tolist()
         panels: dict[str, list] = {"titles": [], "images": [], "labels": [], "kl_maps": [], "entropy_maps": []}
-
-        def add_examples(idx: list[int], x: torch.Tensor, outs: list[torch.Tensor], labels: torch.Tensor) -> None:
-            main, aux = outs
+        for idx, x, (main, aux) in self.pool_outputs([net], self._heads([net]), picks, run):
+            labels = self._output(main, aux).argmax(1).cpu()
             for j, i in enumerate(idx):
-                if i not in picks:
-                    continue
                 u = "" if self.uncertainty is None else f"\nsample uncertainty {float(self.uncertainty[i]):.3g}"
                 kl = decoder_kl(main[j : j + 1], aux[j : j + 1])[0].cpu()
                 entropy = predictive_entropy(main[j : j + 1])[0].cpu()
@@ -209,12 +213,9 @@ class DUST(StagedSelfTraining):
                 panels["labels"].append(label)
                 panels["kl_maps"].append(kl)
                 panels["entropy_maps"].append(entropy)
-
-        self.pseudo_label(net, self._heads([net]), lambda outs: self._output(*outs), indices, run, add_examples)
         save_uncertainty_figure(
             run.run_dir / "figures" / f"{stage}_pseudo_labels.png", **panels, num_classes=self.cfg["num_classes"]
         )
-        log.info("%s: pseudo-labels for %d of %d unlabelled items", stage, len(indices), len(pool))
 
 
 @register("st_ss")

@@ -134,19 +134,15 @@ class StagedSelfTraining(Method):
     def pseudo_label(
         self, net: nn.Module, heads: Heads, logits: Callable[[list[torch.Tensor]], torch.Tensor],
         indices: torch.Tensor, run: RunContext,
-        each_batch: Callable[[list[int], torch.Tensor, list[torch.Tensor], torch.Tensor], None] | None = None,
     ) -> None:
         """The argmax of ``logits(head logits)`` as the pseudo-label of each item in ``indices``, on its own grid;
-        the other items keep theirs (empty before the first labelling). ``each_batch(idx, x, outs, labels)``
-        sees every batch (e.g. to draw examples)."""
+        the other items keep theirs (empty before the first labelling)."""
         pool = run.data.unlabeled
         labels = list(self.pseudo_labels or [torch.empty(0, dtype=torch.uint8)] * len(pool))
-        for idx, x, outs in self.pool_outputs([net], heads, indices.tolist(), run):
+        for idx, _, outs in self.pool_outputs([net], heads, indices.tolist(), run):
             patch_labels = logits(outs).argmax(1).cpu()
             for j, i in enumerate(idx):
                 labels[i] = self.label_on_item_grid(patch_labels[j], pool.images[i])
-            if each_batch is not None:
-                each_batch(idx, x, outs, patch_labels)
         self.pseudo_labels = labels
         run.set_pseudo_labels(labels)
 
