@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dust.config import ConfigError, format_run_dir, load_config
+from dust.config import ConfigError, find_config, format_run_dir, load_config, shipped_configs
 from dust.engine.checkpoint import iteration_checkpoints
 from dust.engine.errors import RunFailedError
 from dust.methods.loading import full_config
@@ -46,8 +46,6 @@ from dust.results import (
 from dust.workflows import train
 
 log = logging.getLogger("dust")
-
-_REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)
@@ -146,13 +144,16 @@ class BenchmarkJob:
 
 
 def _config_file(protocol: Protocol, method: str) -> tuple[Path, Path]:
-    """(path as written in the command, path that exists here): the repository's configs from anywhere."""
+    """(path as written in the command, path that exists here): the protocol's config, from the current folder or
+    among the configs shipped with dust (``dust train`` finds ``configs/...`` the same way from any folder)."""
     written = protocol.config_dir / f"{method}.yaml"
-    for candidate in (written, _REPO_ROOT / written):
-        if candidate.is_file():
-            return written, candidate
-    known = sorted(p.stem for p in (_REPO_ROOT / protocol.config_dir).glob("*.yaml"))
-    raise ConfigError(f"{written}: no config for method {method!r} in protocol {protocol.name} (known: {known})")
+    try:
+        return written, find_config(written)
+    except ConfigError:
+        folder = shipped_configs() / Path(*protocol.config_dir.parts[1:])
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"{written}: no config for method {method!r} in protocol {protocol.name} "
+                          f"(known: {known})") from None
 
 
 def variant_run_dir(run_dir: str, settings: list[str]) -> str:
