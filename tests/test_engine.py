@@ -220,6 +220,27 @@ def test_a_users_own_method_plugs_in_without_editing_dust(tiny_cfg, tmp_path: Pa
     sys.modules.pop("my_lab_method", None)
 
 
+def test_a_users_method_reading_a_batch_key_of_older_dust_is_told_its_new_name(tiny_cfg, tmp_path: Path,
+                                                                              monkeypatch):
+    module = tmp_path / "old_lab_method.py"
+    module.write_text(textwrap.dedent('''
+        import torch.nn.functional as F
+        from dust.methods import Method
+        from dust.models import make_model
+
+        class OldKeys(Method):
+            def build(self):
+                self.networks["model"] = make_model(self.cfg)
+
+            def train_step(self, batch, iteration):
+                return {"ce": F.cross_entropy(self.networks["model"](batch["x_l"]).float(), batch["y_l"])}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyError, match="'x_l' \\(renamed 'labeled_image'\\)"):
+        Trainer(tiny_cfg(method="old_lab_method:OldKeys")).fit()
+    sys.modules.pop("old_lab_method", None)
+
+
 def test_full_config_fills_defaults():
     cfg = full_config({"method": "supervised"})
     assert cfg["lr"] == 0.01 and cfg["momentum"] == 0.9 and cfg["weight_decay"] == 1e-4

@@ -171,6 +171,18 @@ def test_benchmark_dry_run_skips_what_the_json_holds(tmp_path: Path, capsys):
     assert not (tmp_path / "README.md").exists()  # a dry run writes nothing
 
 
+def test_an_fp32_protocol_runs_fp32_on_every_cpu_and_a_bf16_one_leaves_auto_alone(tmp_path: Path, capsys):
+    results = tmp_path / "results.json"
+    for protocol, config, pinned in (("la-cpu", "configs/la/supervised.yaml", "false"),
+                                     ("acdc-cpu", "configs/acdc/supervised.yaml", NATIVE_BF16)):
+        argv = ["benchmark", "--protocol", protocol, "--methods", "supervised", "--labeled-patients", "8",
+                "--seeds", "1", "--json", str(results), "--markdown", str(tmp_path / "R.md"), "--dry-run"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"dust train --config {config} --set labeled_patients=8 --set seed=1 --set bf16={pinned} " in out
+        assert "_bf16" not in out  # the pin is the protocol's, not a variant with run directories of its own
+
+
 def test_benchmark_of_a_variant_skips_only_that_variant_and_keeps_its_own_run_dirs(tmp_path: Path, capsys):
     results = tmp_path / "results.json"
     variant = {"precision": NATIVE_PRECISION, "options": "batchnorm_recalibration_batches=50"}

@@ -180,6 +180,10 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
             raise ConfigError(f"--set {item!r}: give key=value for a setting of the variant "
                               "(the method, labelled patients, seeds and threads have options of their own)")
     present = {record_key(r) for r in results}
+    # an fp32 protocol runs fp32 everywhere (`bf16: auto` would pick bf16 on a CPU with it, a row of another setting);
+    # a bf16 protocol leaves auto alone: forcing bf16 where the CPU lacks it would emulate it, many times slower
+    fp32 = protocol.comparison is not None and protocol.comparison.setting.get("precision") == "fp32"
+    pinned = ["bf16=false"] if fp32 and not any(s.split("=", 1)[0].strip() == "bf16" for s in settings) else []
     # a variant's runs get run directories of their own, unless a setting names one
     variant_run_dirs = bool(settings) and not any(s.split("=", 1)[0].strip() == "run_dir" for s in settings)
     jobs = []
@@ -188,7 +192,7 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
             written, path = _config_file(protocol, method)
             for seed in seeds:
                 overrides = [f"labeled_patients={n}", f"seed={seed}", *([f"threads={threads}"] if threads else []),
-                             *settings]
+                             *pinned, *settings]
                 cfg = full_config(load_config(path, overrides))
                 if variant_run_dirs:
                     run_dir = format_run_dir({**cfg, "run_dir": variant_run_dir(str(cfg["run_dir"]), settings)})

@@ -124,7 +124,7 @@ def _train_and_evaluate(cfg: dict[str, Any], resume: bool, command: str, overwri
             if tag == "best":
                 best = trainer.ckpt_dir / "best.pt"
                 load_network_weights(trainer.method.networks, load_checkpoint(best), best)
-            per_case, summary = evaluate_volumes(trainer.method, trainer.data.val, cfg, trainer.device)
+            per_case, summary = evaluate_volumes(trainer.method, trainer.data.val, cfg, trainer.device, sharded=True)
             if trainer.is_main:
                 write_evaluation(trainer.run_dir, f"{cfg['val_split']}_{tag}", trainer.data.val, per_case, summary)
             records.append(make_record(cfg, summary, tag, trainer.train_seconds, command))

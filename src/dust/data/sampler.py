@@ -41,6 +41,20 @@ class _Stream:
         return torch.cat(out)
 
 
+# the batch keys before 2026-12-08, for a user's own method that still reads them
+_RENAMED_KEYS = {"x_l": "labeled_image", "y_l": "label", "idx_l": "labeled_index", "x_u": "unlabeled_image",
+                 "idx_u": "unlabeled_index", "y_u": "pseudo_label"}
+
+
+class Batch(dict):
+    """One step's batch (key -> tensor); a key it does not hold is a ``KeyError`` saying which keys it has, and
+    for a key of older dust versions, its new name."""
+
+    def __missing__(self, key: str) -> Any:
+        renamed = f" (renamed {_RENAMED_KEYS[key]!r})" if key in _RENAMED_KEYS else ""
+        raise KeyError(f"batch key {key!r}{renamed}; this batch holds {sorted(self)}")
+
+
 class TwoStreamSampler:
     """Draws augmented batches from in-memory items (slices or volumes): ``labeled_image``, ``label``,
     ``labeled_index``, and with unlabelled data ``unlabeled_image``, ``unlabeled_index`` and, once a method has set

@@ -25,13 +25,15 @@ def evaluate_volumes(
     cfg: dict[str, Any],
     device: torch.device,
     distances: bool = True,
+    sharded: bool = False,
 ) -> tuple[list[dict], dict]:
     """Predict every volume with ``method.predict`` and score it against its label.
 
-    ``distances=False`` skips HD95/ASD (the fast check used during training). Started as one of several processes
-    (``dust.engine.distributed``), rank r scores volumes r, r+N, ... and every rank returns all cases, in order.
+    ``distances=False`` skips HD95/ASD (the fast check used during training). ``sharded``: called by every rank
+    of a job of several processes (``dust.engine.distributed``), rank r scores volumes r, r+N, ... and every rank
+    returns all cases, in order; a caller on one rank alone leaves it off and scores them all.
     """
-    if dist.is_initialized():
+    if sharded and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = volumes[rank::world]
         per_case_mine = _score_volumes(method, mine, cfg, device, distances) if mine else []

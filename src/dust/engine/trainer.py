@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dust import __version__
 from dust.config import dump_config, format_run_dir, resolve_data_dir
 from dust.data import TrainingData, load_training_data
-from dust.data.sampler import TwoStreamSampler
+from dust.data.sampler import Batch, TwoStreamSampler
 from dust.engine import distributed
 from dust.engine.checkpoint import iteration_checkpoints, load_latest, save_iteration_checkpoint
 from dust.engine.errors import NonFiniteLossError
@@ -314,7 +314,8 @@ class Trainer:
 
     def validate(self) -> float:
         # several ranks: each scores a share of the volumes; a single process scores them all
-        _, summary = evaluate_volumes(self.method, self.data.val, self.cfg, self.device, distances=False)
+        _, summary = evaluate_volumes(self.method, self.data.val, self.cfg, self.device, distances=False,
+                                      sharded=True)
         return float(summary["overall"]["dice"]["mean"])
 
     def fit(self) -> dict[str, Any]:
@@ -353,7 +354,7 @@ class Trainer:
             for net in method.networks.values():
                 net.train()
             drawn = self.sampler.next(span.stage.uses_unlabeled, self.labeled_batch_size(span.stage))
-            batch = {k: self.to_device(v) for k, v in drawn.items()}
+            batch = Batch({k: self.to_device(v) for k, v in drawn.items()})
             with self.autocast():
                 losses = method.train_step(batch, self.iteration)
             loss = sum(losses.values())
