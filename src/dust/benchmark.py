@@ -174,18 +174,18 @@ def plan_benchmark(protocol: Protocol, methods: list[str], labeled_patients: lis
     ``threads`` (when given) overrides the configs' thread count and is written into each command; ``settings``
     (``key=value`` overrides) make every run a variant of the protocol (see the module docstring)."""
     settings = list(settings or [])
+    keys = {item.split("=", 1)[0].strip() for item in settings}
     for item in settings:
-        key = item.split("=", 1)[0].strip()
-        if "=" not in item or key in ("method", "labeled_patients", "seed", "threads"):
+        if "=" not in item or item.split("=", 1)[0].strip() in ("method", "labeled_patients", "seed", "threads"):
             raise ConfigError(f"--set {item!r}: give key=value for a setting of the variant "
                               "(the method, labelled patients, seeds and threads have options of their own)")
     present = {record_key(r) for r in results}
     # an fp32 protocol runs fp32 everywhere (`bf16: auto` would pick bf16 on a CPU with it, a row of another setting);
     # a bf16 protocol leaves auto alone: forcing bf16 where the CPU lacks it would emulate it, many times slower
     fp32 = protocol.comparison is not None and protocol.comparison.setting.get("precision") == "fp32"
-    pinned = ["bf16=false"] if fp32 and not any(s.split("=", 1)[0].strip() == "bf16" for s in settings) else []
+    pinned = ["bf16=false"] if fp32 and "bf16" not in keys else []
     # a variant's runs get run directories of their own, unless a setting names one
-    variant_run_dirs = bool(settings) and not any(s.split("=", 1)[0].strip() == "run_dir" for s in settings)
+    variant_run_dirs = bool(settings) and "run_dir" not in keys
     jobs = []
     for n in labeled_patients:
         for method in methods:
